@@ -1,0 +1,53 @@
+# rs-lvlm-qgis: set-up, demo, tests, packaging. Every target that needs the venvs sets up first.
+ENGINE_PY := .venv-engine/bin/python
+QGIS_PY := .venv-qgis/bin/python
+export OMP_NUM_THREADS ?= 2
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test test-engine test-plugin model evaluate ablation bench package qgis screenshot knowledge sample clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(ENGINE_PY) -m engine demo
+
+test: setup
+	bash scripts/run_tests.sh
+
+test-engine: setup
+	$(ENGINE_PY) -m pytest tests/engine -q
+
+test-plugin: setup
+	QT_QPA_PLATFORM=offscreen xvfb-run -a $(QGIS_PY) -m pytest tests/plugin -q
+
+knowledge: setup
+	$(ENGINE_PY) -m engine build-knowledge
+
+sample: setup
+	$(ENGINE_PY) -m engine make-sample resources/sample/sample_utm33n.tif
+
+model: setup
+	$(ENGINE_PY) -m engine train --config configs/tiny.json --out resources/model
+
+evaluate: setup
+	$(ENGINE_PY) -m engine evaluate --model resources/model --seed 1000 --n 500 --json
+
+ablation: setup
+	$(ENGINE_PY) -m engine.ablation --out docs/ablation.json
+
+bench: setup
+	$(ENGINE_PY) benchmarks/run_benchmarks.py
+
+package:
+	python3 scripts/package_plugin.py
+
+qgis: setup
+	bash scripts/run_qgis.sh
+
+screenshot: setup
+	bash scripts/screenshot.sh
+
+clean:
+	rm -rf dist build .pytest_cache
