@@ -1,0 +1,197 @@
+"""The inference pipeline the engine keeps loaded: checkpoint + knowledge index + question encoder.
+
+It turns image chips and a question into answers with their grounded boxes, per-box confidence
+and the knowledge entries the Semantic Augmentation Module retrieved (shown to the analyst to
+explain the answer). Retrieval at inference goes through the faiss index of the checkpoint's
+knowledge folder, the same inner-product search the model was trained with.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .grounding import GridBox, parse_boxes
+
+LEVELS = ("object", "region", "scene")
+
+
+@dataclass
+class Answer:
+    """One region's answer as the service needs it."""
+
+    text: str
+    boxes: list[GridBox]
+    box_scores: list[float]
+    retrieved: list[dict]
+    stopped_reason: str
+    prompt_question: str
+    timing: dict = field(default_factory=dict)
+
+
+class RsLvlmPipeline:
+    """Loads a checkpoint folder once and answers many requests with it."""
+
+    def __init__(self, loaded, knowledge, encoder, device: str, model_dir: Path) -> None:
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.config
+        self.knowledge = knowledge
+        self.encoder = encoder
+        self.device = device
+        self.model_dir = model_dir
+        self.name = getattr(self.config, "name", None) or model_dir.name
+        self._question_cache: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def load(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | None = None) -> "RsLvlmPipeline":
+        from ..knowledge.knowledge_base import KnowledgeBase, SentenceEncoder
+        from .checkpoint import load_checkpoint
+
+        model_dir = Path(model_dir)
+        if dtype is None and device == "cuda":
+            dtype = torch.bfloat16
+        loaded = load_checkpoint(model_dir, device=device, dtype=dtype)
+        loaded.model.eval()
+        knowledge = KnowledgeBase.load(loaded.knowledge_dir, device=device)
+        return cls(loaded, knowledge, SentenceEncoder(), device, model_dir)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
+
+    def info(self) -> dict:
+        counts = self.model.parameter_counts()
+        return {"name": self.name, "path": str(self.model_dir), "parameters": counts,
+                "parameters_total": counts.get("total"), "image_size": self.image_size,
+                "use_sam": bool(self.config.use_sam), "use_experts": bool(self.config.use_experts),
+                "knowledge_entries": int(len(self.knowledge.level_ids)),
+                "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
+
+    # -- helpers ----------------------------------------------------------------------------
+    def question_embeds(self, questions: list[str]) -> torch.Tensor:
+        """MiniLM embeddings of the questions, cached: analysts repeat questions."""
+        missing = [q for q in dict.fromkeys(questions) if q not in self._question_cache]
+        if missing:
+            for q, v in zip(missing, self.encoder.encode(missing)):
+                self._question_cache[q] = v
+        return torch.from_numpy(np.stack([self._question_cache[q] for q in questions])).to(self.device)
+
+    def retriever(self, queries: np.ndarray, k: int, level: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.knowledge.search(np.ascontiguousarray(queries, dtype=np.float32), k, level=level)
+
+    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        bos = self.tokenizer.bos_token_id
+        rows = [[bos] + r if bos is not None and (not r or r[0] != bos) else r for r in rows]
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, length - len(r):] = torch.tensor(r)
+            mask[i, length - len(r):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # -- answering --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def answer(self, images: list[np.ndarray], task: str, question: str | None, *, max_new_tokens: int = 64,
+               on_token: Callable[[int, str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[Answer]:
+        """Answer the same task/question for each image (several regions run as one batch)."""
+        from .generation import generate
+        from .image_processing import preprocess_images
+        from .prompts import build_prompt, default_question
+
+        t0 = time.perf_counter()
+        asked = question if question else default_question(task)
+        prompt = build_prompt(task, question)
+        pixel_values = preprocess_images(images, self.image_size).to(self.device)
+        dtype = next(self.model.parameters()).dtype
+        pixel_values = pixel_values.to(dtype)
+        input_ids, attention = self._encode_prompts([prompt] * len(images))
+        q_embeds = self.question_embeds([asked] * len(images)).to(dtype)
+        t_prep = time.perf_counter()
+        first_token_at: list[float] = []
+
+        def stream(i: int, piece: str) -> None:
+            if not first_token_at:
+                first_token_at.append(time.perf_counter())
+            if on_token is not None:
+                on_token(i, piece)
+
+        result = generate(self.model, pixel_values, input_ids, attention, q_embeds, max_new_tokens=max_new_tokens,
+                          do_sample=do_sample, temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
+                          on_token=stream, should_stop=should_stop, retriever=self.retriever)
+        t_gen = time.perf_counter()
+        answers = []
+        for i, text in enumerate(result.texts):
+            text = text.strip()
+            boxes = parse_boxes(text) if task == "ground" or "{<" in text else []
+            scores = self._box_scores(pixel_values[i:i + 1], input_ids[i:i + 1], attention[i:i + 1],
+                                      q_embeds[i:i + 1], result.sequences[i], boxes)
+            answers.append(Answer(text=text, boxes=boxes, box_scores=scores,
+                                  retrieved=self._retrieved_for(result.retrieved, i), stopped_reason=result.stopped_reason,
+                                  prompt_question=asked))
+        n_tokens = sum(len(s) for s in result.sequences)
+        timing = {"prepare_s": t_prep - t0, "generate_s": t_gen - t_prep, "new_tokens": n_tokens,
+                  "first_token_s": (first_token_at[0] - t0) if first_token_at else None,
+                  "tokens_per_s": n_tokens / max(t_gen - t_prep, 1e-9)}
+        for a in answers:
+            a.timing = dict(timing)
+        return answers
+
+    def _retrieved_for(self, retrieved: dict, row: int) -> list[dict]:
+        """The entries the SAM fused for one image, as {level, entry, score} for the analyst."""
+        out = []
+        for level in LEVELS:
+            if not retrieved or level not in retrieved:
+                continue
+            scores, ids = retrieved[level]
+            scores = scores[row].tolist() if hasattr(scores, "tolist") else list(scores[row])
+            ids = ids[row].tolist() if hasattr(ids, "tolist") else list(ids[row])
+            for score, idx in zip(scores, ids):
+                if idx < 0:
+                    continue
+                entry = self.knowledge.entry(int(idx))
+                out.append({"level": level, "entry": entry.name, "id": entry.id, "kind": entry.kind,
+                            "definition": entry.definition, "score": round(float(score), 4)})
+        return out
+
+    def _box_scores(self, pixel_values, input_ids, attention, q_embeds, generated: list[int],
+                    boxes: list[GridBox]) -> list[float]:
+        """Confidence of each box: the geometric mean probability of the tokens that wrote it.
+
+        One teacher-forced pass over prompt + answer gives every answer token's probability;
+        the tokens are then matched to each box's ``{...}`` span in the decoded text.
+        """
+        if not boxes or not generated:
+            return [0.0] * len(boxes)
+        gen = torch.tensor([generated], dtype=torch.long, device=input_ids.device)
+        ids = torch.cat([input_ids, gen], dim=1)
+        mask = torch.cat([attention, torch.ones_like(gen)], dim=1)
+        out = self.model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, question_embeds=q_embeds,
+                         retriever=self.retriever)
+        logits = out.logits[0, -gen.shape[1] - 1:-1].float()          # (G, V): predicts each generated token
+        logp = torch.log_softmax(logits, dim=-1).gather(1, gen[0].unsqueeze(1)).squeeze(1).tolist()
+        # Character span of each generated token in the decoded text.
+        spans, text = [], ""
+        for t in generated:
+            start = len(text)
+            text = self.tokenizer.decode(generated[:len(spans) + 1], skip_special_tokens=True)
+            spans.append((start, len(text)))
+        scores, search_from = [], 0
+        for _ in boxes:
+            start = text.find("{", search_from)
+            end = text.find("}", start + 1) if start >= 0 else -1
+            if start < 0 or end < 0:
+                scores.append(0.0)
+                continue
+            search_from = end + 1
+            picked = [lp for (a, b), lp in zip(spans, logp) if a < end + 1 and b > start]
+            scores.append(math.exp(sum(picked) / len(picked)) if picked else 0.0)
+        return scores

@@ -1,0 +1,332 @@
+"""Training: ``python -m engine train --config configs/tiny.json --out DIR``.
+
+The embedded model is trained here, by the project's own code, on the procedural aerial scenes
+(engine.data). One config file fixes everything that changes the result (preset, switches, data
+seed, batch, learning rate, budget), so a run is reproducible and the ablation runs differ only
+in the switches they name. Training is resumable from its run folder; the optimiser state is
+stored as safetensors + JSON like the model, so no pickle is ever written or read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("engine.train")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved next to its checkpoint as train_config.json."""
+
+    preset: str = "tiny"
+    model_overrides: dict = field(default_factory=dict)
+    use_sam: bool = True
+    use_experts: bool = True
+    seed: int = 0
+    data_seed: int = 0                 # training scenes come from rng([data_seed, i]); eval uses other seeds
+    n_scenes: int = 1_000_000          # size of the (lazily rendered) scene stream
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    max_steps: int = 20_000
+    time_budget_min: float = 60.0      # stop at whichever comes first: max_steps or the budget
+    retrieval_loss_weight: float = 0.5
+    vocab_size: int = 2000
+    tokenizer_scenes: int = 3000       # scenes whose texts train the tokenizer
+    log_every: int = 25
+    save_every: int = 500
+    device: str = "auto"
+    num_workers: int = 1
+
+    @classmethod
+    def from_file(cls, path: Path, **overrides) -> "TrainConfig":
+        data = json.loads(Path(path).read_text()) if path else {}
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class SampleStream(torch.utils.data.IterableDataset):
+    """An endless, deterministic stream of training samples rendered on the fly.
+
+    Scenes are rendered in a DataLoader worker while the main process trains, so data costs no
+    training time on two cores; a fresh scene for every sample keeps a tiny model from memorising.
+    """
+
+    def __init__(self, data_seed: int, n_scenes: int, image_size: int, start_scene: int = 0) -> None:
+        self.data_seed, self.n_scenes, self.image_size, self.start_scene = data_seed, n_scenes, image_size, start_scene
+
+    def __iter__(self) -> Iterator:
+        from .data.instructions import SyntheticInstructionDataset
+
+        dataset = SyntheticInstructionDataset(seed=self.data_seed, n_scenes=self.n_scenes, image_size=self.image_size)
+        i = self.start_scene
+        while True:
+            for sample in dataset[i % self.n_scenes]:
+                yield sample
+            i += 1
+
+
+def tokenizer_corpus(config: TrainConfig, image_size: int, kb_entries: list) -> Iterator[str]:
+    """Texts the tokenizer learns from: prompts and answers of sample scenes plus the knowledge base."""
+    from .data.instructions import SyntheticInstructionDataset
+    from .model.prompts import build_prompt
+
+    dataset = SyntheticInstructionDataset(seed=config.data_seed + 7919, n_scenes=config.tokenizer_scenes,
+                                          image_size=32)
+    for i in range(config.tokenizer_scenes):
+        for sample in dataset[i]:
+            yield build_prompt(sample.task, sample.question)
+            yield sample.answer
+    for entry in kb_entries:
+        yield f"{entry.name}: {entry.definition}"
+
+
+class Collator:
+    """Turns samples into model tensors: images, left-padded token ids, labels, retrieval targets."""
+
+    def __init__(self, tokenizer, image_size: int, knowledge, question_encoder) -> None:
+        self.tokenizer, self.image_size, self.knowledge = tokenizer, image_size, knowledge
+        self.question_encoder = question_encoder
+        self._question_cache: dict[str, np.ndarray] = {}
+
+    def question_embeds(self, questions: list[str]) -> torch.Tensor:
+        missing = [q for q in dict.fromkeys(questions) if q not in self._question_cache]
+        if missing:
+            for q, v in zip(missing, self.question_encoder.encode(missing)):
+                self._question_cache[q] = v
+            if len(self._question_cache) > 200_000:
+                self._question_cache.clear()
+        return torch.from_numpy(np.stack([self._question_cache[q] for q in questions]))
+
+    def __call__(self, samples: list) -> dict:
+        from .model.image_processing import preprocess_images
+        from .model.prompts import encode_example
+
+        encoded = [encode_example(self.tokenizer, s.task, s.question, s.answer) for s in samples]
+        length = max(len(ids) for ids, _ in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
+        labels = torch.full((len(samples), length), -100, dtype=torch.long)
+        attention = torch.zeros((len(samples), length), dtype=torch.long)
+        for row, (ids, labs) in enumerate(encoded):  # left padding, as in generation
+            input_ids[row, length - len(ids):] = torch.tensor(ids)
+            labels[row, length - len(labs):] = torch.tensor(labs)
+            attention[row, length - len(ids):] = 1
+        targets = {}
+        n = len(self.knowledge.level_ids)
+        for level in ("object", "region", "scene"):
+            t = torch.zeros((len(samples), n))
+            for row, s in enumerate(samples):
+                for name in s.knowledge_targets.get(level, []):
+                    idx = self.knowledge.id_of_name(name, level)
+                    if idx is not None and idx >= 0:
+                        t[row, idx] = 1.0
+            targets[level] = t
+        return {"pixel_values": preprocess_images([s.image for s in samples], self.image_size),
+                "input_ids": input_ids, "attention_mask": attention, "labels": labels,
+                "question_embeds": self.question_embeds([s.question for s in samples]),
+                "retrieval_targets": targets}
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_train_state(run_dir: Path, model, optimizer, step: int, scenes_seen: int, elapsed: float) -> None:
+    """Model and optimiser moments as safetensors, counters as JSON: resumable without pickle."""
+    state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0:
+                    state[f"optim.{names[id(p)]}.{key}"] = value.detach().cpu().contiguous()
+    tmp = run_dir / "train_state.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(run_dir / "train_state.safetensors")
+    (run_dir / "train_state.json").write_text(json.dumps({"step": step, "scenes_seen": scenes_seen,
+                                                          "elapsed_s": elapsed}))
+
+
+def load_train_state(run_dir: Path, model, optimizer) -> tuple[int, int, float]:
+    state = load_file(str(run_dir / "train_state.safetensors"))
+    counters = json.loads((run_dir / "train_state.json").read_text())
+    model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")}, strict=False)
+    params = dict(model.named_parameters())
+    for key, value in state.items():
+        if not key.startswith("optim."):
+            continue
+        name, slot = key[6:].rsplit(".", 1)
+        p = params[name]
+        optimizer.state[p][slot] = value.to(p.device)
+        optimizer.state[p]["step"] = torch.tensor(float(counters["step"]))
+    return counters["step"], counters["scenes_seen"], counters["elapsed_s"]
+
+
+def build_model(config: TrainConfig, tokenizer, knowledge, device: str):
+    from .model.config import RsLvlmConfig
+    from .model.modeling_rs_lvlm import RsLvlmForConditionalGeneration
+
+    model_config = RsLvlmConfig.preset(config.preset, vocab_size=len(tokenizer), use_sam=config.use_sam,
+                                       use_experts=config.use_experts, **config.model_overrides)
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id", "image_token_id"):
+        if hasattr(model_config, attr):
+            token = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                     "eos_token_id": tokenizer.eos_token_id,
+                     "image_token_id": tokenizer.convert_tokens_to_ids("<image>")}[attr]
+            setattr(model_config, attr, token)
+    model = RsLvlmForConditionalGeneration(model_config, torch.from_numpy(np.asarray(knowledge.embeddings)),
+                                           torch.as_tensor(np.asarray(knowledge.level_ids), dtype=torch.long))
+    return model.to(device)
+
+
+def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True) -> dict:
+    """Train one model to ``out_dir`` (a checkpoint folder); returns the run summary."""
+    from tqdm import tqdm
+
+    from .device import resolve_device
+    from .knowledge.knowledge_base import DEFAULT_INDEX_DIR, KnowledgeBase, SentenceEncoder
+    from .model.checkpoint import save_checkpoint
+    from .model.tokenizer import build_tokenizer, load_tokenizer
+
+    set_seed(config.seed)
+    device = resolve_device(config.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    knowledge = KnowledgeBase.load(DEFAULT_INDEX_DIR)
+    from .model.config import RsLvlmConfig
+
+    image_size = RsLvlmConfig.preset(config.preset, **config.model_overrides).image_size
+    if (run_dir / "tokenizer.json").is_file():
+        tokenizer = load_tokenizer(run_dir)
+    else:
+        t0 = time.perf_counter()
+        entries = [knowledge.entry(i) for i in range(len(knowledge.level_ids))]
+        tokenizer = build_tokenizer(tokenizer_corpus(config, image_size, entries), vocab_size=config.vocab_size)
+        tokenizer.save_pretrained(str(run_dir))
+        log.info("tokenizer: %d tokens in %.1f s", len(tokenizer), time.perf_counter() - t0)
+    model = build_model(config, tokenizer, knowledge, device)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+    step, scenes_seen, elapsed = 0, 0, 0.0
+    if resume and (run_dir / "train_state.safetensors").is_file():
+        step, scenes_seen, elapsed = load_train_state(run_dir, model, optimizer)
+        log.info("resumed from step %d (%.1f min)", step, elapsed / 60)
+    collate = Collator(tokenizer, image_size, knowledge, SentenceEncoder())
+    # A resumed run continues on scenes it has not seen (deterministic for a given resume point).
+    stream = SampleStream(config.data_seed, config.n_scenes, image_size, start_scene=scenes_seen)
+    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, collate_fn=lambda s: s,
+                                         num_workers=config.num_workers, prefetch_factor=4 if config.num_workers else None,
+                                         persistent_workers=False)
+    budget_s = config.time_budget_min * 60
+    # Total steps for the schedule: the step cap, or what the budget allows at the measured speed.
+    total_steps = config.max_steps
+    log_path = run_dir / "loss_log.jsonl"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    model.train()
+    bar = tqdm(total=config.max_steps, initial=step, desc="train", file=sys.stderr, mininterval=5, dynamic_ncols=True)
+    started = time.perf_counter() - elapsed
+    window: list[float] = []
+    for samples in loader:
+        if step >= config.max_steps or time.perf_counter() - started >= budget_s:
+            break
+        batch = collate(samples)
+        batch = {k: ({lk: lv.to(device) for lk, lv in v.items()} if isinstance(v, dict) else v.to(device))
+                 for k, v in batch.items()}
+        if step == 50:  # re-plan the cosine schedule from the measured speed so it ends with the budget
+            per_step = (time.perf_counter() - started) / max(step, 1)
+            total_steps = min(config.max_steps, int(budget_s / per_step))
+            log.info("%.3f s/step: schedule planned for %d steps", per_step, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config, total_steps)
+        with autocast:
+            out = model(**batch)
+        loss = out.lm_loss + (config.retrieval_loss_weight * out.retrieval_loss
+                              if out.retrieval_loss is not None else 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        scenes_seen += len(samples)
+        window.append(float(loss))
+        bar.update(1)
+        if step % config.log_every == 0:
+            record = {"step": step, "loss": float(np.mean(window)), "lm_loss": float(out.lm_loss),
+                      "retrieval_loss": float(out.retrieval_loss) if out.retrieval_loss is not None else None,
+                      "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.perf_counter() - started, 1)}
+            with log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            window.clear()
+        if step % config.save_every == 0:
+            save_train_state(run_dir, model, optimizer, step, scenes_seen, time.perf_counter() - started)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    save_train_state(run_dir, model, optimizer, step, scenes_seen, elapsed)
+    model.eval()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    save_checkpoint(model, tokenizer, out_dir, knowledge_index_dir=DEFAULT_INDEX_DIR)
+    summary = {"steps": step, "samples_seen": scenes_seen, "elapsed_min": round(elapsed / 60, 2),
+               "device": device, "config": asdict(config),
+               "parameters": model.parameter_counts() if hasattr(model, "parameter_counts") else None}
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    shutil.copy(log_path, out_dir / "loss_log.jsonl") if log_path.is_file() else None
+    log.info("trained %d steps in %.1f min -> %s", step, elapsed / 60, out_dir)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, help="JSON training config (see TrainConfig); default: tiny")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    parser.add_argument("--run-dir", type=Path, help="resumable state and logs (default: runs/<out name>)")
+    parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--time-budget-min", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--use-sam", type=int, choices=(0, 1))
+    parser.add_argument("--use-experts", type=int, choices=(0, 1))
+    args = parser.parse_args(argv)
+    config = TrainConfig.from_file(args.config, max_steps=args.max_steps, time_budget_min=args.time_budget_min,
+                                   seed=args.seed, device=args.device,
+                                   use_sam=None if args.use_sam is None else bool(args.use_sam),
+                                   use_experts=None if args.use_experts is None else bool(args.use_experts))
+    run_dir = args.run_dir or Path("runs") / args.out.name
+    if args.no_resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    summary = train(config, args.out, run_dir, resume=not args.no_resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    return 0
