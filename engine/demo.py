@@ -48,7 +48,7 @@ def quicklook(raster: Path, bounds_3857: list[float], result: dict, path: Path) 
     inverse = ~chip.transform
     for box in result["boxes"]:
         polygon = shapely_wkt.loads(box["wkt"])
-        corners = [inverse * (x, y) for x, y in list(polygon.exterior.coords)]
+        corners = [inverse @ (x, y) for x, y in list(polygon.exterior.coords)]
         draw.line(corners, fill=(255, 40, 40), width=3)
         x, y = corners[0]
         draw.text((x + 3, y + 3), f"{box['label']} {box['score']:.2f}", fill=(255, 255, 0))
