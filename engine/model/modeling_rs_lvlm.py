@@ -1,0 +1,284 @@
+"""The RS-LVLM: multi-level vision -> Semantic Augmentation -> level projectors -> expert LM.
+
+Data flow for a batch of B images and prompts (LLaVA layout: each prompt holds one ``<image>``
+token, replaced in place by the visual tokens ``[object..., region..., scene...]``)::
+
+    pixel_values (B,3,H,W) -> MultiLevelVisionEncoder -> (B,N_obj,Dv) (B,N_reg,Dv) (B,N_sc,Dv)
+        -> SemanticAugmentation (per level: query from tokens + question_embeds (B,384),
+           top-k knowledge entries, gated cross-attention)          [skipped if not use_sam]
+        -> MultiLevelProjector (+ level embedding)                  -> (B, Nv, H), levels 1..3
+    input_ids (B,T) -> embed_tokens -> splice visual tokens at <image> -> (B, T-1+Nv, H)
+        -> Llama decoder with SemanticExpertMLP (token_levels: 0 text, 1..3 visual) -> lm_head
+
+Batches are left-padded; RoPE positions come from the attention mask, so a padded row computes
+the same thing as the row alone.  ``labels`` are given on the text positions (B, T) and expanded
+with -100 over the visual tokens here; the loss is the next-token cross-entropy plus
+``retrieval_loss_weight`` x the SAM retrieval loss when ``retrieval_targets`` are given.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from .config import RsLvlmConfig
+from .experts import SemanticExpertMLP
+from .language_model import RsLvlmLanguageModel
+from .projector import MultiLevelProjector
+from .semantic_augmentation import Retriever, SemanticAugmentation
+from .vision import MultiLevelVisionEncoder
+
+__all__ = ["RsLvlmForConditionalGeneration", "RsLvlmOutput", "VisualEncoding"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VisualEncoding:
+    embeds: torch.Tensor                                   # (B, Nv, H) projected visual tokens
+    token_levels: torch.Tensor                             # (Nv,) 1 object, 2 region, 3 scene
+    retrieved: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    retrieval_loss: torch.Tensor | None = None
+
+
+@dataclass
+class RsLvlmOutput:
+    loss: torch.Tensor | None
+    lm_loss: torch.Tensor | None
+    retrieval_loss: torch.Tensor | None
+    logits: torch.Tensor                                   # (B, L, V) (L = last logits_to_keep)
+    retrieved: dict[str, tuple[torch.Tensor, torch.Tensor]]  # level -> (scores (B,k), ids (B,k))
+    past_key_values: Cache | None
+    attention_mask: torch.Tensor | None = None             # (B, past + L_full) after splicing
+    labels: torch.Tensor | None = None                     # (B, L_full) after splicing
+
+
+class RsLvlmForConditionalGeneration(nn.Module):
+    """The whole model.  ``knowledge_embeddings`` (N, 384) and ``knowledge_levels`` (N,) (ids as
+    in :mod:`engine.model.config`) are the knowledge base SAM retrieves from; they are
+    non-persistent buffers (shipped as ``knowledge/`` next to the checkpoint)."""
+
+    def __init__(
+        self,
+        config: RsLvlmConfig,
+        knowledge_embeddings: torch.Tensor | None = None,
+        knowledge_levels: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        if knowledge_embeddings is None:
+            knowledge_embeddings = torch.zeros(0, config.knowledge_dim)
+            knowledge_levels = torch.zeros(0, dtype=torch.long)
+        self.vision = MultiLevelVisionEncoder(config)
+        self.sam = SemanticAugmentation(config, knowledge_embeddings, knowledge_levels) if config.use_sam else None
+        self.projector = MultiLevelProjector(config)
+        self.language_model = RsLvlmLanguageModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.retriever: Retriever | None = None    # e.g. the faiss index, set by the engine
+        self.init_weights()
+
+    @classmethod
+    def build(
+        cls,
+        config: RsLvlmConfig,
+        knowledge_embeddings: torch.Tensor | None = None,
+        knowledge_levels: torch.Tensor | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        initialise: bool = True,
+    ) -> "RsLvlmForConditionalGeneration":
+        """Build straight on ``device`` in ``dtype``: the module tree is made on the meta device,
+        then materialised once, so a 7B model never exists as a float32 CPU copy first.  With
+        ``initialise=False`` the weights are left uninitialised (they are about to be loaded)."""
+        with torch.device("meta"):
+            model = cls(config)
+        if dtype is not None:
+            model.to(dtype)
+        model.to_empty(device=device)
+        if config.tie_word_embeddings:                       # to_empty gives each its own tensor
+            model.lm_head.weight = model.language_model.embed_tokens.weight
+        if initialise:
+            model.init_weights()
+        model.language_model.reset_rotary(device)
+        if model.sam is not None:
+            if not config.learnable_temperature:
+                model.sam.logit_scale = torch.tensor([math.log(1.0 / config.retrieval_temperature)], device=device)
+            if knowledge_embeddings is None:
+                knowledge_embeddings = torch.zeros(0, config.knowledge_dim)
+                knowledge_levels = torch.zeros(0, dtype=torch.long)
+            model.sam.set_knowledge(knowledge_embeddings, knowledge_levels)
+        return model
+
+    # ---- initialisation --------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 style: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers),
+        norms at 1, biases at 0; SAM starts as the identity with question-only retrieval."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, LlamaRMSNorm):
+                nn.init.ones_(module.weight)
+        nn.init.normal_(self.vision.class_embedding, std=std)
+        residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, param in self.language_model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, std=residual_std)
+        if self.sam is not None:
+            self.sam.init_identity()
+            self.sam.logit_scale.fill_(math.log(1.0 / self.config.retrieval_temperature))
+
+    # ---- bookkeeping -----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def set_knowledge(self, embeddings: torch.Tensor, levels: torch.Tensor) -> None:
+        """Swap the knowledge base SAM retrieves from (no-op when SAM is off)."""
+        if self.sam is not None:
+            self.sam.set_knowledge(embeddings, levels)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by component; ``language_model`` excludes the experts and includes the LM
+        head when it is not tied; ``total`` counts tied tensors once."""
+        def count(module: nn.Module | None) -> int:
+            return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+        experts = sum(count(m) for m in self.language_model.modules() if isinstance(m, SemanticExpertMLP))
+        lm = count(self.language_model) - experts
+        if not self.config.tie_word_embeddings:
+            lm += self.lm_head.weight.numel()
+        return {
+            "vision": count(self.vision),
+            "sam": count(self.sam),
+            "projectors": count(self.projector),
+            "language_model": lm,
+            "experts": experts,
+            "total": sum(p.numel() for p in self.parameters()),
+        }
+
+    # ---- forward ---------------------------------------------------------------------------
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        question_embeds: torch.Tensor | None = None,
+        retrieval_targets: dict[str | int, torch.Tensor] | None = None,
+        retriever: Retriever | None = None,
+    ) -> VisualEncoding:
+        """(B, 3, H, W) images -> projected, level-tagged visual tokens and retrieved entries."""
+        levels = tuple(self.vision(pixel_values))
+        retrieved, retrieval_loss = {}, None
+        if self.sam is not None:
+            sam_out = self.sam(levels, question_embeds, retrieval_targets, retriever or self.retriever)
+            levels, retrieved, retrieval_loss = sam_out.levels, sam_out.retrieved, sam_out.retrieval_loss
+        embeds, token_levels = self.projector(levels)
+        return VisualEncoding(embeds, token_levels, retrieved, retrieval_loss)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,           # (B, 3, H, W)
+        input_ids: torch.Tensor | None = None,              # (B, T), one <image> each if images
+        attention_mask: torch.Tensor | None = None,         # (B, past + T)
+        labels: torch.Tensor | None = None,                 # (B, T), -100 = no loss
+        question_embeds: torch.Tensor | None = None,        # (B, 384)
+        retrieval_targets: dict[str | int, torch.Tensor] | None = None,  # level -> (B, N) multi-hot
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        *,
+        retriever: Retriever | None = None,
+        logits_to_keep: int = 0,
+        position_ids: torch.Tensor | None = None,
+    ) -> RsLvlmOutput:
+        if input_ids is None:
+            raise ValueError("input_ids are required")
+        b, t = input_ids.shape
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(b, past_len + t, dtype=torch.long, device=input_ids.device)
+        past_mask, cur_mask = attention_mask[:, :-t], attention_mask[:, -t:]
+        embeds = self.language_model.embed_tokens(input_ids)                   # (B, T, H)
+        token_levels = torch.zeros_like(input_ids)                               # (B, T) text
+        retrieved, retrieval_loss = {}, None
+        if pixel_values is not None:
+            visual = self.encode_images(pixel_values, question_embeds, retrieval_targets, retriever)
+            retrieved, retrieval_loss = visual.retrieved, visual.retrieval_loss
+            embeds, token_levels, cur_mask, labels = self._splice(input_ids, embeds, visual, cur_mask, labels)
+        attention_mask = torch.cat([past_mask, cur_mask], dim=1)
+
+        hidden, cache = self.language_model(
+            embeds, token_levels, attention_mask, position_ids, past_key_values, use_cache)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)                                            # (B, L, V)
+
+        lm_loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position (logits_to_keep=0)")
+            lm_loss = self._lm_loss(logits, labels)
+        losses = []
+        if lm_loss is not None:
+            losses.append(lm_loss)
+        if retrieval_loss is not None:
+            losses.append(self.config.retrieval_loss_weight * retrieval_loss)
+        loss = sum(losses[1:], losses[0]) if losses else None
+        return RsLvlmOutput(loss, lm_loss, retrieval_loss, logits, retrieved, cache, attention_mask, labels)
+
+    def _splice(
+        self,
+        input_ids: torch.Tensor,            # (B, T)
+        text_embeds: torch.Tensor,          # (B, T, H)
+        visual: VisualEncoding,             # embeds (B, Nv, H), token_levels (Nv,)
+        mask: torch.Tensor,                 # (B, T)
+        labels: torch.Tensor | None,        # (B, T) or already spliced (B, T - 1 + Nv)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Replace each row's single ``<image>`` token by the Nv visual tokens (vectorised)."""
+        b, t = input_ids.shape
+        nv, h = visual.embeds.shape[1], text_embeds.shape[-1]
+        if visual.embeds.shape[0] != b:
+            raise ValueError(f"{visual.embeds.shape[0]} images for {b} prompts")
+        is_image = input_ids == self.config.image_token_id
+        if not bool((is_image.sum(dim=1) == 1).all()):
+            raise ValueError("every prompt must contain exactly one <image> token when pixel_values are given")
+        p = is_image.long().argmax(dim=1)[:, None]                               # (B, 1)
+        j = torch.arange(t - 1 + nv, device=input_ids.device)[None]              # (1, L)
+        is_vis = (j >= p) & (j < p + nv)                                         # (B, L)
+        text_idx = torch.where(j < p, j, j - nv + 1).clamp(0, t - 1)             # (B, L)
+        vis_idx = (j - p).clamp(0, nv - 1)                                       # (B, L)
+        vis = visual.embeds.to(text_embeds.dtype).gather(1, vis_idx[..., None].expand(-1, -1, h))
+        txt = text_embeds.gather(1, text_idx[..., None].expand(-1, -1, h))
+        embeds = torch.where(is_vis[..., None], vis, txt)                        # (B, L, H)
+        levels = torch.where(is_vis, visual.token_levels[vis_idx], 0)            # (B, L)
+        mask = torch.where(is_vis, torch.ones_like(text_idx), mask.long().gather(1, text_idx))
+        if labels is not None and labels.shape[1] == t:
+            labels = torch.where(is_vis, IGNORE_INDEX, labels.gather(1, text_idx))
+        return embeds, levels, mask, labels
+
+    @staticmethod
+    def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy in float32 over positions whose label is not -100."""
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+        shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+        if not bool((shift_labels != IGNORE_INDEX).any()):
+            return shift_logits.sum() * 0.0
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
