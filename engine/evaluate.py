@@ -75,7 +75,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
         scores["grounding_acc50"] = g["acc@0.5"]
         scores["grounding_mean_iou"] = g["mean_iou"]
     if by_task.get("caption"):
-        refs = [[s.answer] + list(getattr(s, "references", []) or []) for s in by_task["caption"]]
+        refs = [list(getattr(s, "references", None) or [s.answer]) for s in by_task["caption"]]
         c = caption_scores(predictions["caption"], refs)
         scores["caption_bleu4"] = c["bleu4"]
         scores["caption_cider"] = c["cider"]

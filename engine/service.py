@@ -117,7 +117,9 @@ def model_image_size(model_dir: Path) -> int:
     config_path = model_dir / "config.json"
     if config_path.is_file():
         try:
-            return int(json.loads(config_path.read_text()).get("image_size", DEFAULT_IMAGE_SIZE))
+            config = json.loads(config_path.read_text())
+            size = config.get("image_size") or (config.get("vision_config") or {}).get("image_size")
+            return int(size or DEFAULT_IMAGE_SIZE)
         except (ValueError, OSError):
             return DEFAULT_IMAGE_SIZE
     return DEFAULT_IMAGE_SIZE
@@ -152,10 +154,10 @@ class EngineService:
         resolved = resolve_device(device or self.default_device)
         key = (str(model_dir.resolve()), resolved)
         if self._pipeline is None or self._pipeline_key != key:
-            from .model.inference import RsLvlmPipeline
+            from .backends import load_pipeline
 
             t0 = time.perf_counter()
-            self._pipeline = RsLvlmPipeline.load(model_dir, device=resolved)
+            self._pipeline = load_pipeline(model_dir, device=resolved)
             self._pipeline_key = key
             log.info("model %s loaded on %s in %.2f s", model_dir, resolved, time.perf_counter() - t0)
         return self._pipeline
@@ -245,7 +247,7 @@ class EngineService:
             ctx.progress(3, total_steps, f"writing {p.out}")
             result["outputs"] = [str(path) for path in export_result(result, p.out)]
         timing["total_s"] = time.perf_counter() - t0
-        result["timing"] = {k: round(v, 4) for k, v in timing.items()}
+        result["timing"] = {k: round(v, 4) for k, v in timing.items() if isinstance(v, (int, float))}
         ctx.progress(total_steps, total_steps, "done")
         return result
 

@@ -162,7 +162,12 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
 
 def save_train_state(run_dir: Path, model, optimizer, step: int, scenes_seen: int, elapsed: float) -> None:
     """Model and optimiser moments as safetensors, counters as JSON: resumable without pickle."""
-    state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if v.data_ptr() in seen:  # tied weights (lm_head = embeddings) are stored once
+            continue
+        seen.add(v.data_ptr())
+        state[f"model.{k}"] = v.detach().cpu().contiguous()
     names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -132,9 +132,13 @@ def engine_process(engine_python):
 
 
 def _request(proc, line: bytes) -> dict:
+    """Send one line and return its final reply (progress and token messages are skipped)."""
     proc.stdin.write(line + b"\n")
     proc.stdin.flush()
-    return json.loads(proc.stdout.readline())
+    while True:
+        reply = json.loads(proc.stdout.readline())
+        if reply["type"] in ("result", "error"):
+            return reply
 
 
 def test_real_engine_answers_info_with_device(engine_process):

@@ -1,0 +1,92 @@
+"""Model backends: which pipeline answers for a checkpoint folder, chosen from its config.json.
+
+* ``model_type == "rs_lvlm"`` (or anything not below): our own RS-LVLM
+  (:class:`engine.model.inference.RsLvlmPipeline`).
+* ``model_type == "llava"`` with safetensors weights: a transformers
+  ``LlavaForConditionalGeneration`` (GeoChat / LLaVA-1.5 family,
+  :class:`engine.backends.llava_backend.LlavaPipeline`).
+* An original LLaVA / GeoChat folder (config with ``mm_vision_tower``) or a folder whose weights
+  are only pickles (``.bin`` ...) is refused with the ``python -m engine convert`` command that
+  turns it into a safetensors LLaVA folder: the engine itself never unpickles anything.
+
+All pipelines share one interface: ``name``, ``device``, ``image_size``, ``info()`` and
+``answer(images, task, question, *, max_new_tokens, on_token, should_stop, do_sample,
+temperature, top_p) -> list[Answer]``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from engine.errors import BAD_CHECKPOINT, NO_MODEL, EngineError
+
+log = logging.getLogger("engine.backends")
+
+__all__ = ["load_pipeline", "backend_for", "read_config", "PICKLE_SUFFIXES", "is_original_llava"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def read_config(model_dir: Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise EngineError(NO_MODEL, f"no model checkpoint at {model_dir} (config.json missing)")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EngineError(BAD_CHECKPOINT, f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise EngineError(BAD_CHECKPOINT, f"{path} does not hold a JSON object")
+    return config
+
+
+def is_original_llava(config: dict) -> bool:
+    """The original LLaVA / GeoChat layout (LlavaLlamaForCausalLM / GeoChatLlamaForCausalLM)."""
+    return "mm_vision_tower" in config or config.get("model_type") == "geochat"
+
+
+def convert_command(model_dir: Path, vision_tower: bool = False) -> str:
+    target = Path(str(model_dir).rstrip("/\\") + "-converted")
+    cmd = f"python -m engine convert --from {model_dir} --to {target}"
+    return cmd + (" --vision-tower CLIP_DIR" if vision_tower else "")
+
+
+def backend_for(model_dir: Path | str) -> str:
+    """``"llava"`` or ``"rs_lvlm"``; raises the convert hint for folders the engine must not load."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    has_safetensors = any(model_dir.glob("*.safetensors"))
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
+    if is_original_llava(config):
+        raise EngineError(BAD_CHECKPOINT, (
+            f"{model_dir} is an original LLaVA/GeoChat checkpoint (config.json has mm_vision_tower "
+            f"{config.get('mm_vision_tower')!r}). Convert it once to the transformers LLaVA layout in "
+            f"safetensors, giving a local copy of its CLIP vision tower: {convert_command(model_dir, True)}, "
+            f"then use the new folder as the model."))
+    if pickles and not has_safetensors:
+        shown = ", ".join(pickles[:3]) + (" ..." if len(pickles) > 3 else "")
+        raise EngineError(BAD_CHECKPOINT, (
+            f"{model_dir} holds pickle weights ({shown}) and no .safetensors: the engine loads safetensors only, "
+            f"because loading a pickle can run arbitrary code. Convert them once with: {convert_command(model_dir)}"))
+    if pickles:
+        log.warning("%s: ignoring pickle files %s, loading the .safetensors weights", model_dir, ", ".join(pickles))
+    if config.get("model_type") == "llava":
+        return "llava"
+    return "rs_lvlm"
+
+
+def load_pipeline(model_dir: Path | str, device: str = "cpu", **options: Any) -> Any:
+    """Load the pipeline for a checkpoint folder on ``device`` ("cpu" or "cuda").
+
+    ``options`` go to the backend's ``load`` (``dtype``, ``quantization`` for LLaVA).
+    """
+    model_dir = Path(model_dir)
+    if backend_for(model_dir) == "llava":
+        from .llava_backend import LlavaPipeline
+
+        return LlavaPipeline.load(model_dir, device=device, **options)
+    from engine.model.inference import RsLvlmPipeline
+
+    return RsLvlmPipeline.load(model_dir, device=device, **options)
