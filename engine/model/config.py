@@ -204,10 +204,10 @@ class RsLvlmConfig:
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        image_size=128, patch_size=16, vision_hidden_size=256, vision_num_layers=6,
-        vision_num_heads=4, vision_intermediate_size=1024, object_layer=3, region_layer=5,
-        scene_layer=6, vocab_size=3000, hidden_size=256, intermediate_size=704,
-        expert_intermediate_size=384, num_hidden_layers=6, num_attention_heads=8,
+        image_size=128, patch_size=16, vision_hidden_size=192, vision_num_layers=4,
+        vision_num_heads=4, vision_intermediate_size=768, object_layer=2, region_layer=3,
+        scene_layer=4, vocab_size=2000, hidden_size=256, intermediate_size=640,
+        expert_intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
         max_position_embeddings=1024, tie_word_embeddings=True, retrieval_top_k=5,
         sam_num_heads=4,
     ),
