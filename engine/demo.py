@@ -21,10 +21,14 @@ def _tiles(raster: Path) -> list[dict]:
     return []
 
 
-def _to_3857(bounds: list[float], crs: str) -> list[float]:
+def _to_3857(bounds: list[float], crs: str, keep: float = 0.96) -> list[float]:
+    """The canvas-CRS box of the tile's central part: a reprojected box grows a little, so the
+    tile is shrunk first to keep the region on one tile, as an analyst drawing on it would."""
     from rasterio.warp import transform_bounds
 
-    return list(transform_bounds(crs, "EPSG:3857", *bounds, densify_pts=21))
+    left, bottom, right, top = bounds
+    dx, dy = (right - left) * (1 - keep) / 2, (top - bottom) * (1 - keep) / 2
+    return list(transform_bounds(crs, "EPSG:3857", left + dx, bottom + dy, right - dx, top - dy, densify_pts=21))
 
 
 def _pick(tiles: list[dict], scene: str, fallback: int) -> dict:
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     parser.add_argument("--out", type=Path, default=Path("out/demo"))
     args = parser.parse_args(argv)
+    import logging
+
+    logging.getLogger().setLevel(logging.WARNING)  # the demo prints its own report
     from .service import EngineService, export_result, require_model_dir
 
     import rasterio

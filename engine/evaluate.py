@@ -69,7 +69,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
     if by_task.get("vqa"):
         vqa = vqa_accuracy(predictions["vqa"], [s.answer for s in by_task["vqa"]], [s.qtype for s in by_task["vqa"]])
         scores["vqa_accuracy"] = vqa["overall"]
-        scores["vqa_per_type"] = {k: v for k, v in vqa.items() if k != "overall"}
+        scores["vqa_per_type"] = vqa["per_qtype"]
     if by_task.get("ground"):
         g = grounding_scores(predictions["ground"], [s.boxes for s in by_task["ground"]])
         scores["grounding_acc50"] = g["acc@0.5"]

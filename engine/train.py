@@ -152,11 +152,15 @@ class Collator:
                 "retrieval_targets": targets}
 
 
-def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up, then cosine decay to min_lr_ratio of the peak."""
+def lr_at(step: int, config: TrainConfig, progress: float) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio of the peak over ``progress`` in [0, 1].
+
+    Progress is the larger of steps done / max_steps and time spent / time budget, so the decay
+    ends with the run whichever limit binds, even when the machine's speed varies during it.
+    """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps))
+    progress = min(1.0, max(0.0, progress))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -254,8 +258,6 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
                                          num_workers=config.num_workers, prefetch_factor=4 if config.num_workers else None,
                                          persistent_workers=False)
     budget_s = config.time_budget_min * 60
-    # Total steps for the schedule: the step cap, or what the budget allows at the measured speed.
-    total_steps = config.max_steps
     log_path = run_dir / "loss_log.jsonl"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     model.train()
@@ -268,12 +270,9 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
         batch = collate(samples)
         batch = {k: ({lk: lv.to(device) for lk, lv in v.items()} if isinstance(v, dict) else v.to(device))
                  for k, v in batch.items()}
-        if step == 50:  # re-plan the cosine schedule from the measured speed so it ends with the budget
-            per_step = (time.perf_counter() - started) / max(step, 1)
-            total_steps = min(config.max_steps, int(budget_s / per_step))
-            log.info("%.3f s/step: schedule planned for %d steps", per_step, total_steps)
+        progress = max(step / config.max_steps, (time.perf_counter() - started) / budget_s)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config, total_steps)
+            group["lr"] = lr_at(step, config, progress)
         with autocast:
             out = model(**batch)
         loss = out.lm_loss + (config.retrieval_loss_weight * out.retrieval_loss
@@ -284,7 +283,7 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
         optimizer.step()
         step += 1
         scenes_seen += len(samples)
-        window.append(float(loss))
+        window.append(float(loss.detach()))
         bar.update(1)
         if step % config.log_every == 0:
             record = {"step": step, "loss": float(np.mean(window)), "lm_loss": float(out.lm_loss),
