@@ -84,6 +84,7 @@ DELEGATED = {
     "build-knowledge": "engine.knowledge.knowledge_base",
     "demo": "engine.demo",
     "make-sample": "engine.data.sample_raster",
+    "export-checkpoint": "engine.export_checkpoint",
     "convert": "engine.convert",
 }
 

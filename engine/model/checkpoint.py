@@ -59,15 +59,22 @@ def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: RsLvlmForConditionalGeneration, tokenizer, out_dir: str | Path,
-                    knowledge_index_dir: Path | None = None) -> Path:
-    """Write a checkpoint directory (see the module docstring) and return its path."""
+                    knowledge_index_dir: Path | None = None, weights_dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint directory (see the module docstring) and return its path.
+
+    ``weights_dtype`` (e.g. float16) stores floating tensors at that precision: the shipped model
+    is half the size on disk and is cast back to the loading dtype (float32 on CPU) when loaded.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size}")
     model.config.to_json_file(out / "config.json")
     tmp = out / (WEIGHTS_NAME + ".partial")
-    save_file(weights_state_dict(model), str(tmp), metadata={"format": "pt", "model_type": "rs_lvlm"})
+    state = weights_state_dict(model)
+    if weights_dtype is not None:
+        state = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(tmp), metadata={"format": "pt", "model_type": "rs_lvlm"})
     tmp.replace(out / WEIGHTS_NAME)                                  # never a half-written file
     save_tokenizer(tokenizer, out)
 
