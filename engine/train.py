@@ -255,6 +255,7 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
     # A resumed run continues on scenes it has not seen (deterministic for a given resume point).
     stream = SampleStream(config.data_seed, config.n_scenes, image_size, start_scene=scenes_seen)
     loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, collate_fn=lambda s: s,
+                                         worker_init_fn=lambda _: torch.set_num_threads(1),
                                          num_workers=config.num_workers, prefetch_factor=4 if config.num_workers else None,
                                          persistent_workers=False)
     budget_s = config.time_budget_min * 60
