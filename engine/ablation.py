@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ METRICS = ("scene_accuracy", "vqa_accuracy", "grounding_acc50", "grounding_mean_
 
 
 def run(config_path: Path, budget_min: float, seeds: list[int], n_eval: int, eval_seed: int,
-        runs_dir: Path, variants: list[str]) -> dict:
+        runs_dir: Path, variants: list[str], tokenizer_from: Path | None = None) -> dict:
     from .evaluate import evaluate
     from .train import TrainConfig, train
 
@@ -41,8 +42,14 @@ def run(config_path: Path, budget_min: float, seeds: list[int], n_eval: int, eva
             config = TrainConfig.from_file(config_path, time_budget_min=budget_min, seed=seed, data_seed=seed,
                                            **VARIANTS[variant])
             name = f"{variant.replace('+', 'plus-')}-s{seed}"
+            state_dir = runs_dir / name / "state"
+            if tokenizer_from is not None and (tokenizer_from / "tokenizer.json").is_file():
+                # One tokenizer for all runs: the variants then differ only in their switches.
+                state_dir.mkdir(parents=True, exist_ok=True)
+                for f in tokenizer_from.glob("tokenizer*.json"):
+                    shutil.copy(f, state_dir / f.name)
             t0 = time.perf_counter()
-            summary = train(config, runs_dir / name / "model", runs_dir / name / "state", resume=True)
+            summary = train(config, runs_dir / name / "model", state_dir, resume=True)
             scores = evaluate(runs_dir / name / "model", seed=eval_seed, n=n_eval, progress=False)
             results["runs"].append({"variant": variant, "seed": seed, "steps": summary["steps"],
                                     "minutes": round((time.perf_counter() - t0) / 60, 1),
@@ -87,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--out", type=Path, default=Path("docs/ablation.json"))
+    parser.add_argument("--tokenizer-from", type=Path, default=Path("resources/model"),
+                        help="reuse this checkpoint's tokenizer for every run")
     args = parser.parse_args(argv)
-    results = run(args.config, args.budget_min, args.seeds, args.n, args.eval_seed, args.runs_dir, args.variants)
+    results = run(args.config, args.budget_min, args.seeds, args.n, args.eval_seed, args.runs_dir, args.variants,
+                  args.tokenizer_from)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(markdown_table(results))
