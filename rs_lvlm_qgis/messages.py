@@ -1,0 +1,54 @@
+"""What the panel says: the device/model indicator and the sentences for engine errors.
+
+Kept apart from the widgets so the wording can be reviewed (and tested) in one place, without a
+dock: analysts read these, so they name the fix, not the exception.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+PLACEHOLDERS = {"caption": "Optional: what the caption should focus on",
+                "vqa": "e.g. How many storage tanks are there?",
+                "ground": "e.g. ships, or: the largest ship",
+                "classify": "Optional"}
+
+
+def parameter_count(parameters: Any) -> Optional[int]:
+    """Total parameters from the engine's ``model.parameters`` (an int or a dict of counts)."""
+    if isinstance(parameters, (int, float)):
+        return int(parameters)
+    if isinstance(parameters, dict):
+        if isinstance(parameters.get("total"), (int, float)):
+            return int(parameters["total"])
+        counts = [v for v in parameters.values() if isinstance(v, (int, float))]
+        return int(sum(counts)) if counts else None
+    return None
+
+
+def describe_engine(info: Dict[str, Any]) -> str:
+    """The device/model indicator text: which device answers and which model, how big."""
+    device_type = str(info.get("device_type") or "cpu")
+    device = str(info.get("device") or device_type)
+    if device_type == "cuda":
+        text = "CUDA: " + device
+    else:
+        text = device if device.upper().startswith("CPU") and device.lower() != "cpu" else "CPU"
+    model = info.get("model")
+    if isinstance(model, dict) and model.get("name"):
+        count = parameter_count(model.get("parameters"))
+        size = ""
+        if count:
+            size = f" ({count / 1e9:.1f} B parameters)" if count >= 1e9 else \
+                f" ({count / 1e6:.1f} M parameters)"
+        return f"{text} · model {model['name']}{size}"
+    return f"{text} · no model installed"
+
+
+def failure_text(code: str, message: str) -> str:
+    """The panel's sentence for a failed request (engine error codes pass through)."""
+    if code == "no_model":
+        return (f"No model is available: {message.rstrip('.')}. "
+                "A model folder can also be chosen in the RS-LVLM settings.")
+    if code == "cancelled":
+        return "Cancelled."
+    return message or code

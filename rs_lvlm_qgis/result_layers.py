@@ -1,0 +1,164 @@
+"""Answers and detections as memory layers in the project.
+
+Why layers and not a report: the analyst's answers become map data that can be styled, edited,
+joined and exported like any other.  Each result is appended (nothing is overwritten) to:
+
+* ``RS-LVLM answers``: the asked region as a polygon with task, question, answer, model, time;
+* ``RS-LVLM detections``: one polygon per grounded box with label, score, question, model, time.
+
+Both are created in the result's CRS (the raster's, as the engine reports it), so coordinates
+are stored exactly as computed; QGIS reprojects on the fly for display.  If a later answer comes
+in another CRS (another raster), a second layer of the same name in that CRS is used rather
+than silently reprojecting.  Layers live in a layer-tree group ``RS-LVLM``.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsFeature,
+    QgsFillSymbol,
+    QgsGeometry,
+    QgsLayerTreeGroup,
+    QgsPalLayerSettings,
+    QgsProject,
+    QgsSingleSymbolRenderer,
+    QgsTextFormat,
+    QgsVectorLayer,
+    QgsVectorLayerSimpleLabeling,
+)
+from qgis.PyQt.QtCore import QDateTime, Qt
+from qgis.PyQt.QtGui import QColor
+
+from .region import crs_from_engine
+
+ANSWERS_LAYER = "RS-LVLM answers"
+DETECTIONS_LAYER = "RS-LVLM detections"
+GROUP_NAME = "RS-LVLM"
+
+# Memory-provider field specs.  Widths are explicit so a Shapefile export keeps full values up
+# to 254 characters instead of OGR's 80-character default for unsized strings.
+ANSWER_FIELDS = ("task:string(16)", "question:string(254)", "answer:string(254)",
+                 "model:string(80)", "created:string(32)")
+DETECTION_FIELDS = ("label:string(80)", "score:double", "question:string(254)",
+                    "model:string(80)", "created:string(32)")
+
+
+def model_name(result: Dict[str, Any]) -> str:
+    """The model's name from a result, whether the engine reports a dict or a string."""
+    model = result.get("model")
+    if isinstance(model, dict):
+        return str(model.get("name") or model.get("path") or "")
+    return str(model or "")
+
+
+def _group() -> QgsLayerTreeGroup:
+    root = QgsProject.instance().layerTreeRoot()
+    group = root.findGroup(GROUP_NAME)
+    return group if group is not None else root.insertGroup(0, GROUP_NAME)
+
+
+def _style(layer: QgsVectorLayer, outline: str, fill: str, label_expression: str) -> None:
+    symbol = QgsFillSymbol.createSimple({"color": fill, "outline_color": outline,
+                                         "outline_width": "0.6", "outline_style": "solid"})
+    layer.setRenderer(QgsSingleSymbolRenderer(symbol))
+    text = QgsTextFormat()
+    text.setSize(9)
+    text.setColor(QColor(*[int(part) for part in outline.split(",")[:3]]))
+    buffer = text.buffer()
+    buffer.setEnabled(True)
+    buffer.setSize(1.0)
+    buffer.setColor(QColor(Qt.white))
+    text.setBuffer(buffer)
+    settings = QgsPalLayerSettings()
+    settings.fieldName = label_expression
+    settings.isExpression = True
+    settings.setFormat(text)
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(settings))
+    layer.setLabelsEnabled(True)
+
+
+def find_layer(name: str, crs: Optional[QgsCoordinateReferenceSystem] = None
+               ) -> Optional[QgsVectorLayer]:
+    """The project's result layer of that name (in that CRS, if given)."""
+    for layer in QgsProject.instance().mapLayersByName(name):
+        if isinstance(layer, QgsVectorLayer) and (crs is None or layer.crs() == crs):
+            return layer
+    return None
+
+
+def _layer(name: str, crs: QgsCoordinateReferenceSystem, fields: tuple, outline: str,
+           fill: str, label_expression: str) -> QgsVectorLayer:
+    existing = find_layer(name, crs)
+    if existing is not None:
+        return existing
+    crs_part = f"crs={crs.authid()}&" if crs.authid() else ""
+    uri = "Polygon?" + crs_part + "&".join("field=" + f for f in fields) + "&index=yes"
+    layer = QgsVectorLayer(uri, name, "memory")
+    if not crs.authid():  # custom CRS: no authority id to put in the URI
+        layer.setCrs(crs)
+    _style(layer, outline, fill, label_expression)
+    QgsProject.instance().addMapLayer(layer, False)
+    _group().insertLayer(0, layer)
+    return layer
+
+
+def answers_layer(crs: QgsCoordinateReferenceSystem) -> QgsVectorLayer:
+    """The answers layer in ``crs`` (created, styled and grouped on first use)."""
+    # outline only: repeated questions about one region stack up, a fill would turn opaque
+    return _layer(ANSWERS_LAYER, crs, ANSWER_FIELDS, "255,128,0", "255,128,0,0",
+                  "\"task\" || ': ' || left(\"answer\", 80)")
+
+
+def detections_layer(crs: QgsCoordinateReferenceSystem) -> QgsVectorLayer:
+    """The detections layer in ``crs`` (created, styled and grouped on first use)."""
+    return _layer(DETECTIONS_LAYER, crs, DETECTION_FIELDS, "230,0,70", "230,0,70,40",
+                  "\"label\" || ' ' || format_number(\"score\", 2)")
+
+
+def _append(layer: QgsVectorLayer, features: List[QgsFeature]) -> None:
+    if not features:
+        return
+    ok, _ = layer.dataProvider().addFeatures(features)
+    if not ok:
+        raise RuntimeError(f"Could not add features to {layer.name()}")
+    layer.updateExtents()
+    layer.triggerRepaint()
+
+
+def add_result(result: Dict[str, Any], question: str, task_label: str,
+               fallback_region: Optional[QgsGeometry] = None) -> Dict[str, Any]:
+    """Append one engine result to the answers (and, for boxes, detections) layers.
+
+    ``fallback_region`` (already in the result's CRS) is used if the engine sent no extent.
+    Returns ``{"answers": layer, "detections": layer or None, "boxes": n}``.
+    """
+    crs = crs_from_engine(str(result.get("crs") or ""))
+    created = str(result.get("created") or QDateTime.currentDateTime().toString(Qt.ISODate))
+    model = model_name(result)
+    extent = result.get("extent") or {}
+    wkt = extent.get("wkt") if isinstance(extent, dict) else None
+    region = QgsGeometry.fromWkt(wkt) if wkt else QgsGeometry(fallback_region or QgsGeometry())
+
+    answers = answers_layer(crs)
+    feature = QgsFeature(answers.fields())
+    feature.setGeometry(region)
+    feature.setAttributes([task_label, question, str(result.get("text") or ""), model, created])
+    _append(answers, [feature])
+
+    boxes = [b for b in (result.get("boxes") or []) if isinstance(b, dict) and b.get("wkt")]
+    detections = None
+    if boxes:
+        detections = detections_layer(crs)
+        features = []
+        for box in boxes:
+            feat = QgsFeature(detections.fields())
+            feat.setGeometry(QgsGeometry.fromWkt(str(box["wkt"])))
+            score = box.get("score")
+            feat.setAttributes([str(box.get("label") or ""),
+                                float(score) if score is not None else None,
+                                question, model, created])
+            features.append(feat)
+        _append(detections, features)
+    return {"answers": answers, "detections": detections, "boxes": len(boxes)}

@@ -1,0 +1,135 @@
+"""The plugin's persistent settings (QgsSettings) and the engine interpreter lookup.
+
+Settings live under ``rs_lvlm/`` in the user's QGIS profile so that they follow the profile and
+can be pre-seeded by administrators in ``QGIS3.ini``.  The engine interpreter is resolved in the
+order the design contract fixes: the setting, then the environment variable
+``RS_LVLM_ENGINE_PYTHON``, then the per-user venv under the profile folder (which the plugin
+offers to create, see :mod:`engine_setup_task`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from qgis.core import QgsApplication, QgsSettings
+
+PREFIX = "rs_lvlm/"
+KEY_ENGINE_PYTHON = PREFIX + "engine_python"
+KEY_MODEL_DIR = PREFIX + "model_dir"
+KEY_DEVICE = PREFIX + "device"
+KEY_PRECISION = PREFIX + "precision"
+KEY_MAX_TOKENS = PREFIX + "max_tokens"
+KEY_TIMEOUT_S = PREFIX + "timeout_s"
+KEY_HISTORY = PREFIX + "question_history"
+
+ENV_ENGINE_PYTHON = "RS_LVLM_ENGINE_PYTHON"
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TIMEOUT_S = 300
+HISTORY_LENGTH = 20
+
+
+@dataclass
+class EngineSettings:
+    """A snapshot of the user's engine choices, read once per request so a change in the
+    settings dialog applies to the next question without restarting anything."""
+
+    engine_python: str = ""
+    model_dir: str = ""
+    device: str = "auto"
+    precision: str = "auto"
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    timeout_s: int = DEFAULT_TIMEOUT_S
+
+
+def _int_value(settings: QgsSettings, key: str, default: int) -> int:
+    """QSettings hands back strings from ini files; coerce defensively instead of crashing."""
+    try:
+        return int(settings.value(key, default))
+    except (TypeError, ValueError):
+        return default
+
+
+def load() -> EngineSettings:
+    """Read the current settings, falling back to defaults for missing or invalid values."""
+    s = QgsSettings()
+    device = str(s.value(KEY_DEVICE, "auto") or "auto")
+    precision = str(s.value(KEY_PRECISION, "auto") or "auto")
+    return EngineSettings(
+        engine_python=str(s.value(KEY_ENGINE_PYTHON, "") or ""),
+        model_dir=str(s.value(KEY_MODEL_DIR, "") or ""),
+        device=device if device in DEVICES else "auto",
+        precision=precision if precision in PRECISIONS else "auto",
+        max_tokens=max(1, _int_value(s, KEY_MAX_TOKENS, DEFAULT_MAX_TOKENS)),
+        timeout_s=max(5, _int_value(s, KEY_TIMEOUT_S, DEFAULT_TIMEOUT_S)),
+    )
+
+
+def save(values: EngineSettings) -> None:
+    """Persist the settings dialog's values."""
+    s = QgsSettings()
+    s.setValue(KEY_ENGINE_PYTHON, values.engine_python)
+    s.setValue(KEY_MODEL_DIR, values.model_dir)
+    s.setValue(KEY_DEVICE, values.device)
+    s.setValue(KEY_PRECISION, values.precision)
+    s.setValue(KEY_MAX_TOKENS, int(values.max_tokens))
+    s.setValue(KEY_TIMEOUT_S, int(values.timeout_s))
+
+
+def user_venv_dir() -> Path:
+    """The per-user engine venv: inside the active QGIS profile, so it needs no admin rights
+    and is removed together with the profile."""
+    return Path(QgsApplication.qgisSettingsDirPath()) / "rs_lvlm" / "venv"
+
+
+def venv_python(venv: Path) -> Path:
+    """The interpreter inside a venv on this platform."""
+    if sys.platform.startswith("win"):
+        return venv / "Scripts" / "python.exe"
+    return venv / "bin" / "python"
+
+
+def _usable(path: str) -> bool:
+    return bool(path) and os.path.isfile(path) and os.access(path, os.X_OK)
+
+
+def resolve_engine_python(values: Optional[EngineSettings] = None) -> Optional[str]:
+    """The engine interpreter to run, or ``None`` when none is set up yet.
+
+    Order: explicit setting, ``RS_LVLM_ENGINE_PYTHON``, per-user venv.  A configured path that
+    does not exist is skipped rather than returned, so a stale setting does not hide a working
+    venv; the dock then explains what is missing.
+    """
+    values = values or load()
+    for candidate in (values.engine_python, os.environ.get(ENV_ENGINE_PYTHON, ""),
+                      str(venv_python(user_venv_dir()))):
+        if _usable(candidate):
+            return candidate
+    return None
+
+
+def question_history() -> List[str]:
+    """Previously asked questions, most recent first (stored as JSON: QSettings turns
+    one-element lists into plain strings on some backends)."""
+    raw = QgsSettings().value(KEY_HISTORY, "[]")
+    try:
+        items = json.loads(raw) if isinstance(raw, str) else list(raw or [])
+    except ValueError:
+        return []
+    return [str(item) for item in items if str(item).strip()][:HISTORY_LENGTH]
+
+
+def remember_question(question: str) -> List[str]:
+    """Put a question at the top of the history (deduplicated, bounded) and return the list."""
+    question = question.strip()
+    history = question_history()
+    if question:
+        history = [question] + [q for q in history if q != question]
+    history = history[:HISTORY_LENGTH]
+    QgsSettings().setValue(KEY_HISTORY, json.dumps(history))
+    return history

@@ -1,0 +1,156 @@
+"""The settings dialog and the engine set-up dialog.
+
+Kept apart from the dock so the dock stays about asking questions; everything an analyst sets
+once (interpreter, model folder, device, precision, token budget) lives here, together with the
+one button that creates the per-user engine venv when none exists.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from qgis.core import QgsApplication
+from qgis.gui import QgsFileWidget
+from qgis.PyQt.QtWidgets import (
+    QComboBox,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QLabel,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from . import settings
+from .engine_setup_task import EngineSetupTask, extra_pip_args, has_cuda, requirements_file
+
+
+class EngineSetupDialog(QDialog):
+    """Shows the pip log of an :class:`EngineSetupTask` while it runs in the task manager."""
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("RsLvlmEngineSetupDialog")
+        self.setWindowTitle("RS-LVLM: engine set-up")
+        self.resize(720, 420)
+        self.task: Optional[EngineSetupTask] = None
+        layout = QVBoxLayout(self)
+        cuda = has_cuda()
+        req = requirements_file(cuda)
+        self.venv = settings.user_venv_dir()
+        self.info = QLabel(
+            f"A Python environment for the engine will be created in\n{self.venv}\n"
+            f"and the {'CUDA' if cuda else 'CPU'} requirements installed from\n{req}.\n"
+            "This downloads several hundred MB and takes a few minutes.")
+        self.info.setWordWrap(True)
+        self.requirements = req
+        self.log = QPlainTextEdit()
+        self.log.setObjectName("setupLog")
+        self.log.setReadOnly(True)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.start_button = QPushButton("Create environment")
+        self.start_button.setObjectName("setupStartButton")
+        self.start_button.setEnabled(req is not None)
+        self.start_button.clicked.connect(self.start)
+        buttons = QDialogButtonBox(QDialogButtonBox.Close)
+        buttons.rejected.connect(self.reject)
+        for widget in (self.info, self.log, self.progress, self.start_button, buttons):
+            layout.addWidget(widget)
+
+    def start(self) -> None:
+        """Queue the set-up task; the dialog may be closed, the task keeps running."""
+        if self.requirements is None:
+            return
+        self.task = EngineSetupTask(self.venv, self.requirements,
+                                    extra_pip_args=extra_pip_args(self.requirements))
+        self.task.logLine.connect(self.log.appendPlainText)
+        self.task.progressChanged.connect(lambda value: self.progress.setValue(int(value)))
+        self.task.taskCompleted.connect(lambda: self._done(True))
+        self.task.taskTerminated.connect(lambda: self._done(False))
+        self.start_button.setEnabled(False)
+        QgsApplication.taskManager().addTask(self.task)
+
+    def _done(self, ok: bool) -> None:
+        task = self.task
+        if ok:
+            self.log.appendPlainText("Done. The engine will start on the next question.")
+            self.progress.setValue(100)
+        else:
+            self.log.appendPlainText("Set-up failed: " + (task.error if task else "unknown"))
+            self.start_button.setEnabled(True)
+
+
+class SettingsDialog(QDialog):
+    """Edit :class:`settings.EngineSettings`; saved on OK."""
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("RsLvlmSettingsDialog")
+        self.setWindowTitle("RS-LVLM settings")
+        values = settings.load()
+        form = QFormLayout()
+        self.python_edit = QgsFileWidget()
+        self.python_edit.setObjectName("enginePythonEdit")
+        self.python_edit.setFilePath(values.engine_python)
+        self.model_edit = QgsFileWidget()
+        self.model_edit.setObjectName("modelDirEdit")
+        self.model_edit.setStorageMode(QgsFileWidget.GetDirectory)
+        self.model_edit.setFilePath(values.model_dir)
+        self.device_combo = QComboBox()
+        self.device_combo.setObjectName("deviceCombo")
+        self.device_combo.addItems(list(settings.DEVICES))
+        self.device_combo.setCurrentText(values.device)
+        self.precision_combo = QComboBox()
+        self.precision_combo.setObjectName("precisionCombo")
+        self.precision_combo.addItems(list(settings.PRECISIONS))
+        self.precision_combo.setCurrentText(values.precision)
+        self.tokens_spin = QSpinBox()
+        self.tokens_spin.setObjectName("maxTokensSpin")
+        self.tokens_spin.setRange(1, 4096)
+        self.tokens_spin.setValue(values.max_tokens)
+        self.timeout_spin = QSpinBox()
+        self.timeout_spin.setObjectName("timeoutSpin")
+        self.timeout_spin.setRange(5, 3600)
+        self.timeout_spin.setSuffix(" s")
+        self.timeout_spin.setValue(values.timeout_s)
+        resolved = settings.resolve_engine_python(values)
+        self.resolved_label = QLabel(resolved or "none found: set one or create the environment")
+        self.resolved_label.setWordWrap(True)
+        self.setup_button = QPushButton("Create engine environment…")
+        self.setup_button.setObjectName("createEngineButton")
+        self.setup_button.clicked.connect(self.open_setup)
+        form.addRow("Engine Python (empty: automatic)", self.python_edit)
+        form.addRow("Engine in use", self.resolved_label)
+        form.addRow("", self.setup_button)
+        form.addRow("Model folder (empty: embedded)", self.model_edit)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Precision", self.precision_combo)
+        form.addRow("Max tokens", self.tokens_spin)
+        form.addRow("Inactivity timeout", self.timeout_spin)
+        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(buttons)
+
+    def values(self) -> settings.EngineSettings:
+        return settings.EngineSettings(
+            engine_python=self.python_edit.filePath().strip(),
+            model_dir=self.model_edit.filePath().strip(),
+            device=self.device_combo.currentText(),
+            precision=self.precision_combo.currentText(),
+            max_tokens=self.tokens_spin.value(),
+            timeout_s=self.timeout_spin.value(),
+        )
+
+    def accept(self) -> None:
+        settings.save(self.values())
+        super().accept()
+
+    def open_setup(self) -> None:
+        EngineSetupDialog(self).exec_()
