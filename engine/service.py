@@ -22,6 +22,8 @@ from .paths import DEFAULT_MODEL_DIR
 log = logging.getLogger("engine.service")
 
 TASKS = ("caption", "vqa", "ground", "classify")
+PRECISIONS = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+              "float16": "float16", "fp16": "float16"}
 TASK_ALIASES = {"ask": "vqa", "question": "vqa", "grounding": "ground", "detect": "ground", "classification": "classify"}
 DEFAULT_IMAGE_SIZE = 128
 DEFAULT_MAX_TOKENS = 64
@@ -67,6 +69,7 @@ class AskParams:
     out_crs: str | None = None
     model: str | None = None
     device: str = "auto"
+    precision: str = "auto"
     max_tokens: int = DEFAULT_MAX_TOKENS
     bands: list[int] | None = None
     extra: dict = field(default_factory=dict)
@@ -107,7 +110,10 @@ class AskParams:
         if bands is not None and (not isinstance(bands, list) or not all(isinstance(b, int) for b in bands)):
             raise EngineError(BAD_REQUEST, "bands must be a list of 1-based band numbers")
         device = text("device") or "auto"
-        return cls(raster=raster, task=task, bbox=bbox, bbox_crs=text("bbox_crs"), region_wkt=region_wkt,
+        precision = (text("precision") or "auto").lower()
+        if precision not in PRECISIONS:
+            raise EngineError(BAD_REQUEST, f"unknown precision {precision!r}; choose auto, float32, bfloat16 or float16")
+        return cls(precision=precision, raster=raster, task=task, bbox=bbox, bbox_crs=text("bbox_crs"), region_wkt=region_wkt,
                    region_crs=text("region_crs") or text("bbox_crs"), question=question, out=text("out"),
                    out_crs=text("out_crs"), model=text("model"), device=device, max_tokens=max_tokens, bands=bands)
 
@@ -141,23 +147,28 @@ class EngineService:
         self.default_model = Path(default_model) if default_model else DEFAULT_MODEL_DIR
         self.default_device = default_device
         self._pipeline: Any = None
-        self._pipeline_key: tuple[str, str] | None = None
+        self._pipeline_key: tuple | None = None
         self.started = time.time()
 
     # -- model ------------------------------------------------------------------------------
-    def pipeline(self, model: str | None, device: str | None) -> Any:
-        """Load (once) and return the inference pipeline for a model folder and device."""
+    def pipeline(self, model: str | None, device: str | None, precision: str = "auto") -> Any:
+        """Load (once) and return the inference pipeline for a model folder, device and precision.
+
+        ``auto`` is float32 on the CPU and bfloat16 on CUDA; half precision on a CPU is allowed
+        but slow, since few CPU kernels are vectorised for it.
+        """
         from .device import resolve_device
 
         model_dir = Path(model) if model else self.default_model
         require_model_dir(model_dir)
         resolved = resolve_device(device or self.default_device)
-        key = (str(model_dir.resolve()), resolved)
+        dtype = PRECISIONS.get(precision or "auto")
+        key = (str(model_dir.resolve()), resolved, dtype)
         if self._pipeline is None or self._pipeline_key != key:
             from .backends import load_pipeline
 
             t0 = time.perf_counter()
-            self._pipeline = load_pipeline(model_dir, device=resolved)
+            self._pipeline = load_pipeline(model_dir, device=resolved, **({"dtype": dtype} if dtype else {}))
             self._pipeline_key = key
             log.info("model %s loaded on %s in %.2f s", model_dir, resolved, time.perf_counter() - t0)
         return self._pipeline
@@ -214,7 +225,7 @@ class EngineService:
 
         ctx.progress(1, total_steps, "loading the model")
         t1 = time.perf_counter()
-        pipeline = self.pipeline(p.model, p.device)
+        pipeline = self.pipeline(p.model, p.device, p.precision)
         timing["load_s"] = time.perf_counter() - t1
         ctx.check_cancelled()
 

@@ -49,7 +49,7 @@ class RsLvlmPipeline:
         self._question_cache: dict[str, np.ndarray] = {}
 
     @classmethod
-    def load(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | None = None) -> "RsLvlmPipeline":
+    def load(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | str | None = None) -> "RsLvlmPipeline":
         from ..knowledge.knowledge_base import KnowledgeBase, SentenceEncoder
         from .checkpoint import load_checkpoint
 

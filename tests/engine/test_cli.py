@@ -85,3 +85,10 @@ def test_service_reports_missing_model_after_checking_the_raster(tmp_path):
         service.ask({"raster": str(raster.path), "bbox": [left, top - 0.005, left + 0.005, top], "task": "caption",
                      "bbox_crs": "EPSG:4326"})
     assert info.value.code == "no_model"
+
+
+def test_ask_precision_must_be_a_known_name():
+    assert AskParams.from_dict({"raster": "x.tif", "precision": "bf16"}).precision == "bf16"
+    with pytest.raises(EngineError) as info:
+        AskParams.from_dict({"raster": "x.tif", "precision": "int3"})
+    assert info.value.code == "bad_request" and "precision" in info.value.message
