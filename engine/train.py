@@ -212,6 +212,7 @@ def build_model(config: TrainConfig, tokenizer, knowledge, device: str):
                      "eos_token_id": tokenizer.eos_token_id,
                      "image_token_id": tokenizer.convert_tokens_to_ids("<image>")}[attr]
             setattr(model_config, attr, token)
+    model_config.grid_token_start = tokenizer.convert_tokens_to_ids("<0>")
     model = RsLvlmForConditionalGeneration(model_config, torch.from_numpy(np.asarray(knowledge.embeddings)),
                                            torch.as_tensor(np.asarray(knowledge.level_ids), dtype=torch.long))
     return model.to(device)

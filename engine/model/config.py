@@ -122,6 +122,13 @@ class RsLvlmConfig:
 
     initializer_range: float = 0.02
     gradient_checkpointing: bool = False
+    # Grounding: the <0>..<100> box tokens are contiguous ids from grid_token_start (set from the
+    # tokenizer at training). With grid_label_sigma > 0 their targets are a Gaussian over nearby
+    # grid values instead of one-hot, so a box 1 cell off is "almost right" rather than as wrong
+    # as one across the image: the loss then teaches localisation, not only token identity.
+    grid_token_start: int | None = None
+    grid_label_sigma: float = 0.0
+
     model_type: str = field(default="rs_lvlm")
 
     def __post_init__(self) -> None:

@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .config import RsLvlmConfig
 from .experts import SemanticExpertMLP
+from .grounding import GRID_MAX
 from .language_model import RsLvlmLanguageModel
 from .projector import MultiLevelProjector
 from .semantic_augmentation import Retriever, SemanticAugmentation
@@ -274,11 +275,27 @@ class RsLvlmForConditionalGeneration(nn.Module):
             labels = torch.where(is_vis, IGNORE_INDEX, labels.gather(1, text_idx))
         return embeds, levels, mask, labels
 
-    @staticmethod
-    def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy in float32 over positions whose label is not -100."""
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-        shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-        if not bool((shift_labels != IGNORE_INDEX).any()):
+    def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy in float32 over positions whose label is not -100.
+
+        Box-coordinate labels get Gaussian soft targets over the grid tokens when
+        ``config.grid_label_sigma`` > 0 (see RsLvlmConfig.grid_token_start).
+        """
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()      # (N, V)
+        shift_labels = labels[:, 1:].reshape(-1).to(logits.device)               # (N,)
+        valid = shift_labels != IGNORE_INDEX
+        if not bool(valid.any()):
             return shift_logits.sum() * 0.0
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+        sigma, g0 = self.config.grid_label_sigma, self.config.grid_token_start
+        if not sigma or g0 is None:
+            return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+        losses = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")  # (N,)
+        is_grid = valid & (shift_labels >= g0) & (shift_labels <= g0 + GRID_MAX)
+        if bool(is_grid.any()):
+            log_probs = F.log_softmax(shift_logits[is_grid], dim=-1)[:, g0:g0 + GRID_MAX + 1]   # (M, 101)
+            centre = (shift_labels[is_grid] - g0).float()[:, None]                               # (M, 1)
+            grid = torch.arange(GRID_MAX + 1, device=logits.device, dtype=torch.float32)[None]    # (1, 101)
+            weights = torch.exp(-0.5 * ((grid - centre) / sigma) ** 2)
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+            losses = losses.masked_scatter(is_grid, -(weights * log_probs).sum(dim=-1))
+        return losses[valid].mean()
