@@ -52,6 +52,7 @@ class TrainConfig:
     save_every: int = 500
     device: str = "auto"
     num_workers: int = 1
+    extra_ground_per_scene: int = 0   # oversample the hardest task: extra grounding samples per scene
 
     @classmethod
     def from_file(cls, path: Path, **overrides) -> "TrainConfig":
@@ -76,17 +77,24 @@ class SampleStream(torch.utils.data.IterableDataset):
     training time on two cores; a fresh scene for every sample keeps a tiny model from memorising.
     """
 
-    def __init__(self, data_seed: int, n_scenes: int, image_size: int, start_scene: int = 0) -> None:
+    def __init__(self, data_seed: int, n_scenes: int, image_size: int, start_scene: int = 0,
+                 extra_ground: int = 0) -> None:
         self.data_seed, self.n_scenes, self.image_size, self.start_scene = data_seed, n_scenes, image_size, start_scene
+        self.extra_ground = extra_ground
 
     def __iter__(self) -> Iterator:
         from .data.instructions import SyntheticInstructionDataset
 
         dataset = SyntheticInstructionDataset(seed=self.data_seed, n_scenes=self.n_scenes, image_size=self.image_size)
+        from .data.instructions import make_sample
+
         i = self.start_scene
         while True:
-            for sample in dataset[i % self.n_scenes]:
-                yield sample
+            samples = dataset[i % self.n_scenes]
+            if self.extra_ground:
+                scene, rng = dataset.scene(i % self.n_scenes)
+                samples += [make_sample(scene, rng, "ground", samples[0].image) for _ in range(self.extra_ground)]
+            yield from samples
             i += 1
 
 
@@ -254,7 +262,8 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
         log.info("resumed from step %d (%.1f min)", step, elapsed / 60)
     collate = Collator(tokenizer, image_size, knowledge, SentenceEncoder())
     # A resumed run continues on scenes it has not seen (deterministic for a given resume point).
-    stream = SampleStream(config.data_seed, config.n_scenes, image_size, start_scene=scenes_seen)
+    stream = SampleStream(config.data_seed, config.n_scenes, image_size, start_scene=scenes_seen,
+                          extra_ground=config.extra_ground_per_scene)
     loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, collate_fn=lambda s: s,
                                          worker_init_fn=lambda _: torch.set_num_threads(1),
                                          num_workers=config.num_workers, prefetch_factor=4 if config.num_workers else None,

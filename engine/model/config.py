@@ -128,6 +128,9 @@ class RsLvlmConfig:
     # as one across the image: the loss then teaches localisation, not only token identity.
     grid_token_start: int | None = None
     grid_label_sigma: float = 0.0
+    # Add to each object / region token the (gated) embeddings of the grid tokens of its cell
+    # centre, so that writing a box is partly copying from the visual token that shows the object.
+    grid_position_hint: bool = False
 
     model_type: str = field(default="rs_lvlm")
 

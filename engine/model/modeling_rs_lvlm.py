@@ -80,6 +80,11 @@ class RsLvlmForConditionalGeneration(nn.Module):
         self.projector = MultiLevelProjector(config)
         self.language_model = RsLvlmLanguageModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.grid_position_hint:
+            # x and y start apart (ones vs alternating signs) so the model can tell them apart.
+            self.grid_hint_x = nn.Parameter(torch.ones(config.hidden_size))
+            self.grid_hint_y = nn.Parameter(torch.ones(config.hidden_size) * torch.tensor([1.0, -1.0]).repeat(
+                (config.hidden_size + 1) // 2)[:config.hidden_size])
         if config.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.retriever: Retriever | None = None    # e.g. the faiss index, set by the engine
@@ -193,7 +198,25 @@ class RsLvlmForConditionalGeneration(nn.Module):
             sam_out = self.sam(levels, question_embeds, retrieval_targets, retriever or self.retriever)
             levels, retrieved, retrieval_loss = sam_out.levels, sam_out.retrieved, sam_out.retrieval_loss
         embeds, token_levels = self.projector(levels)
+        if self.config.grid_position_hint and self.config.grid_token_start is not None:
+            embeds = embeds + self._grid_hint(levels, embeds.dtype)
         return VisualEncoding(embeds, token_levels, retrieved, retrieval_loss)
+
+    def _grid_hint(self, levels: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+        """(1, Nv, H): for object and region tokens (row-major square grids), the gated
+        embeddings of the <x> and <y> grid tokens of their cell centres; zero for scene tokens."""
+        table = self.language_model.embed_tokens.weight                            # (V, H)
+        g0, parts = self.config.grid_token_start, []
+        for i, level in enumerate(levels):
+            n = level.shape[1]
+            side = int(round(math.sqrt(n)))
+            if i < 2 and side * side == n:
+                centres = torch.round((torch.arange(side, device=table.device) + 0.5) * GRID_MAX / side).long()
+                xs, ys = centres.repeat(side), centres.repeat_interleave(side)    # row-major cells
+                parts.append(self.grid_hint_x * table[g0 + xs] + self.grid_hint_y * table[g0 + ys])
+            else:
+                parts.append(table.new_zeros(n, table.shape[1]))
+        return torch.cat(parts)[None].to(dtype)
 
     def forward(
         self,

@@ -45,3 +45,20 @@ def test_with_sigma_text_tokens_keep_plain_cross_entropy():
     logits = torch.randn(1, 4, VOCAB)
     labels = torch.tensor([[-100, 3, 5, 7]])                 # ids below G0: ordinary text
     assert torch.allclose(soft._lm_loss(logits, labels), plain._lm_loss(logits, labels))
+
+
+def test_grid_position_hint_changes_object_and_region_tokens_but_not_scene_tokens():
+    torch.manual_seed(0)
+    cfg = RsLvlmConfig.preset("tiny", vocab_size=VOCAB, grid_token_start=G0, use_sam=False)
+    plain = RsLvlmForConditionalGeneration(cfg, None, None).eval()
+    hinted_cfg = RsLvlmConfig.preset("tiny", vocab_size=VOCAB, grid_token_start=G0, use_sam=False,
+                                     grid_position_hint=True)
+    hinted = RsLvlmForConditionalGeneration(hinted_cfg, None, None).eval()
+    hinted.load_state_dict(plain.state_dict(), strict=False)
+    pixels = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        a, b = plain.encode_images(pixels), hinted.encode_images(pixels)
+    changed = (a.embeds - b.embeds).abs().sum(-1)[0] > 0                      # (Nv,)
+    levels = a.token_levels
+    assert bool(changed[levels == 1].all()) and bool(changed[levels == 2].all())
+    assert not bool(changed[levels == 3].any())
