@@ -51,6 +51,12 @@ def _layer_filter(name: str) -> Any:
     return getattr(QgsMapLayerProxyModel, name)
 
 
+def answered_by(result: Dict[str, Any]) -> str:
+    """The "Answered by <model> on <device>" sentence (parts the engine left out are omitted)."""
+    model, device = result_layers.model_name(result), str(result.get("device") or "")
+    return "Answered" + (f" by {model}" if model else "") + (f" on {device}" if device else "")
+
+
 class RsLvlmDock(QDockWidget):
     """The panel; its public methods (``ask``, ``set_region``, ``export``...) are also what
     scripts and tests drive."""
@@ -376,7 +382,7 @@ class RsLvlmDock(QDockWidget):
         took = f" in {float(seconds):.1f} s" if isinstance(seconds, (int, float)) else ""
         boxes = f"; {added['boxes']} box(es) added to '{result_layers.DETECTIONS_LAYER}'" \
             if added["boxes"] else ""
-        self.show_message(f"Answered{took}{boxes}.")
+        self.show_message(f"{answered_by(result)}{took}{boxes}.")
         self.answered.emit(result)
 
     def _on_failed(self, req: EngineRequest, code: str, message: str) -> None:

@@ -25,6 +25,7 @@ KEY_PRECISION = PREFIX + "precision"
 KEY_MAX_TOKENS = PREFIX + "max_tokens"
 KEY_TIMEOUT_S = PREFIX + "timeout_s"
 KEY_HISTORY = PREFIX + "question_history"
+KEY_MODEL_FOLDERS = PREFIX + "model_folders"
 
 ENV_ENGINE_PYTHON = "RS_LVLM_ENGINE_PYTHON"
 DEVICES = ("auto", "cpu", "cuda")
@@ -32,6 +33,7 @@ PRECISIONS = ("auto", "float32", "float16", "bfloat16")
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TIMEOUT_S = 300
 HISTORY_LENGTH = 20
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 @dataclass
@@ -116,12 +118,7 @@ def resolve_engine_python(values: Optional[EngineSettings] = None) -> Optional[s
 def question_history() -> List[str]:
     """Previously asked questions, most recent first (stored as JSON: QSettings turns
     one-element lists into plain strings on some backends)."""
-    raw = QgsSettings().value(KEY_HISTORY, "[]")
-    try:
-        items = json.loads(raw) if isinstance(raw, str) else list(raw or [])
-    except ValueError:
-        return []
-    return [str(item) for item in items if str(item).strip()][:HISTORY_LENGTH]
+    return _json_list(KEY_HISTORY)[:HISTORY_LENGTH]
 
 
 def remember_question(question: str) -> List[str]:
@@ -133,3 +130,56 @@ def remember_question(question: str) -> List[str]:
     history = history[:HISTORY_LENGTH]
     QgsSettings().setValue(KEY_HISTORY, json.dumps(history))
     return history
+
+
+def _json_list(key: str) -> List[str]:
+    """A list stored as JSON (QSettings turns one-element lists into plain strings)."""
+    raw = QgsSettings().value(key, "[]")
+    try:
+        items = json.loads(raw) if isinstance(raw, str) else list(raw or [])
+    except ValueError:
+        return []
+    return [str(item) for item in items if str(item).strip()] if isinstance(items, list) else []
+
+
+def model_folders() -> List[str]:
+    """The model folders the analyst added in the settings (the embedded model is implicit)."""
+    return _json_list(KEY_MODEL_FOLDERS)
+
+
+def add_model_folder(path: str) -> List[str]:
+    """Remember a model folder (deduplicated, in the order added) and return the list."""
+    path = str(path).strip()
+    folders = model_folders()
+    if path and path not in folders:
+        folders.append(path)
+    QgsSettings().setValue(KEY_MODEL_FOLDERS, json.dumps(folders))
+    return folders
+
+
+def remove_model_folder(path: str) -> List[str]:
+    """Forget a model folder; if it was the chosen model, fall back to the embedded one."""
+    folders = [folder for folder in model_folders() if folder != path]
+    s = QgsSettings()
+    s.setValue(KEY_MODEL_FOLDERS, json.dumps(folders))
+    if str(s.value(KEY_MODEL_DIR, "") or "") == path:
+        s.setValue(KEY_MODEL_DIR, "")
+    return folders
+
+
+def model_folder_problem(path: str) -> str:
+    """Why a folder is not a ready engine model ("" when it looks fine), from its files only:
+    pickle weights without safetensors need ``engine convert``; no config.json is no model."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return "folder not found"
+    try:
+        names = [entry.name for entry in folder.iterdir() if entry.is_file()]
+    except OSError:
+        return "folder not readable"
+    pickles = any(name.endswith(PICKLE_SUFFIXES) for name in names)
+    if pickles and not any(name.endswith(".safetensors") for name in names):
+        return "needs convert"
+    if "config.json" not in names:
+        return "not a model folder"
+    return ""

@@ -6,15 +6,19 @@ one button that creates the per-user engine venv when none exists.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from qgis.core import QgsApplication
 from qgis.gui import QgsFileWidget
+from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDialog,
     QDialogButtonBox,
+    QFileDialog,
     QFormLayout,
+    QHBoxLayout,
     QLabel,
     QPlainTextEdit,
     QProgressBar,
@@ -84,6 +88,16 @@ class EngineSetupDialog(QDialog):
             self.start_button.setEnabled(True)
 
 
+EMBEDDED_MODEL = "Embedded model (default)"
+
+
+def model_label(path: str) -> str:
+    """The combo text of an added model folder: its name, flagged when it is not ready."""
+    name = os.path.basename(os.path.normpath(path)) or path
+    problem = settings.model_folder_problem(path)
+    return f"{name} ({problem})" if problem else name
+
+
 class SettingsDialog(QDialog):
     """Edit :class:`settings.EngineSettings`; saved on OK."""
 
@@ -96,10 +110,22 @@ class SettingsDialog(QDialog):
         self.python_edit = QgsFileWidget()
         self.python_edit.setObjectName("enginePythonEdit")
         self.python_edit.setFilePath(values.engine_python)
-        self.model_edit = QgsFileWidget()
-        self.model_edit.setObjectName("modelDirEdit")
-        self.model_edit.setStorageMode(QgsFileWidget.GetDirectory)
-        self.model_edit.setFilePath(values.model_dir)
+        self.model_combo = QComboBox()
+        self.model_combo.setObjectName("modelCombo")
+        self.add_model_button = QPushButton("Add folder…")
+        self.add_model_button.setObjectName("addModelButton")
+        self.add_model_button.clicked.connect(lambda: self.add_model_folder())
+        self.remove_model_button = QPushButton("Remove")
+        self.remove_model_button.setObjectName("removeModelButton")
+        self.remove_model_button.clicked.connect(self.remove_model_folder)
+        self.model_combo.currentIndexChanged.connect(self._on_model_choice)
+        if values.model_dir:  # a folder set before the list existed (or by an administrator)
+            settings.add_model_folder(values.model_dir)
+        self._fill_models(values.model_dir)
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_combo, 1)
+        model_row.addWidget(self.add_model_button)
+        model_row.addWidget(self.remove_model_button)
         self.device_combo = QComboBox()
         self.device_combo.setObjectName("deviceCombo")
         self.device_combo.addItems(list(settings.DEVICES))
@@ -126,7 +152,7 @@ class SettingsDialog(QDialog):
         form.addRow("Engine Python (empty: automatic)", self.python_edit)
         form.addRow("Engine in use", self.resolved_label)
         form.addRow("", self.setup_button)
-        form.addRow("Model folder (empty: embedded)", self.model_edit)
+        form.addRow("Model", model_row)
         form.addRow("Device", self.device_combo)
         form.addRow("Precision", self.precision_combo)
         form.addRow("Max tokens", self.tokens_spin)
@@ -141,12 +167,52 @@ class SettingsDialog(QDialog):
     def values(self) -> settings.EngineSettings:
         return settings.EngineSettings(
             engine_python=self.python_edit.filePath().strip(),
-            model_dir=self.model_edit.filePath().strip(),
+            model_dir=self.model_dir(),
             device=self.device_combo.currentText(),
             precision=self.precision_combo.currentText(),
             max_tokens=self.tokens_spin.value(),
             timeout_s=self.timeout_spin.value(),
         )
+
+    # ------------------------------------------------------------------ models
+    def _fill_models(self, current: str) -> None:
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        self.model_combo.addItem(EMBEDDED_MODEL, "")
+        self.model_combo.setItemData(0, "The model shipped with the plugin", Qt.ToolTipRole)
+        for folder in settings.model_folders():
+            self.model_combo.addItem(model_label(folder), folder)
+            self.model_combo.setItemData(self.model_combo.count() - 1, folder, Qt.ToolTipRole)
+        index = self.model_combo.findData(current)
+        self.model_combo.setCurrentIndex(max(index, 0))
+        self.model_combo.blockSignals(False)
+        self._on_model_choice()
+
+    def _on_model_choice(self, _index: int = 0) -> None:
+        self.remove_model_button.setEnabled(self.model_combo.currentIndex() > 0)
+        self.model_combo.setToolTip(self.model_dir() or "The model shipped with the plugin")
+
+    def model_dir(self) -> str:
+        """The chosen model folder ("" = the embedded model)."""
+        return str(self.model_combo.currentData() or "")
+
+    def add_model_folder(self, path: Optional[str] = None) -> Optional[str]:
+        """Add a model folder (asks for one when none is given), remember it and select it."""
+        if path is None:
+            path = QFileDialog.getExistingDirectory(self, "Model folder", self.model_dir())
+        path = str(path or "").strip()
+        if not path:
+            return None
+        settings.add_model_folder(path)
+        self._fill_models(path)
+        return path
+
+    def remove_model_folder(self) -> None:
+        """Forget the selected folder (the embedded model cannot be removed)."""
+        if self.model_combo.currentIndex() <= 0:
+            return
+        settings.remove_model_folder(self.model_dir())
+        self._fill_models("")
 
     def accept(self) -> None:
         settings.save(self.values())

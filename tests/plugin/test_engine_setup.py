@@ -78,7 +78,7 @@ def test_settings_dialog_saves_engine_choices(tmp_path, clean_settings):
 
     dialog = SettingsDialog()
     dialog.python_edit.setFilePath(str(tmp_path / "python"))
-    dialog.model_edit.setFilePath(str(tmp_path / "model"))
+    dialog.add_model_folder(str(tmp_path / "model"))
     dialog.device_combo.setCurrentText("cpu")
     dialog.precision_combo.setCurrentText("float32")
     dialog.tokens_spin.setValue(99)
@@ -90,6 +90,7 @@ def test_settings_dialog_saves_engine_choices(tmp_path, clean_settings):
         assert (values.device, values.precision, values.max_tokens) == ("cpu", "float32", 99)
     finally:
         settings.save(settings.EngineSettings())
+        QgsSettings().remove(settings.KEY_MODEL_FOLDERS)
 
 
 def test_setup_dialog_offers_the_per_user_venv_with_cpu_torch_index():
