@@ -46,9 +46,10 @@ def bench_generation(new_tokens: int = 20, prompt_tokens: int = 24, repeats: int
     ours_ids = torch.cat([torch.tensor([[cfg.bos_token_id, cfg.image_token_id]]), text], dim=1)
     q = torch.nn.functional.normalize(torch.randn(1, cfg.knowledge_dim), dim=-1)
 
-    def run_ours():
-        result = generate(ours, pixel_values, ours_ids, torch.ones_like(ours_ids), q, max_new_tokens=new_tokens)
-        assert len(result.sequences[0]) == new_tokens
+    def run_ours(n: int = new_tokens, fast: bool = True, int8: bool = False):
+        result = generate(ours, pixel_values, ours_ids, torch.ones_like(ours_ids), q, max_new_tokens=n, fast=fast,
+                          int8=int8)
+        assert len(result.sequences[0]) == n
 
     llava_cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(hidden_size=cfg.vision_hidden_size, intermediate_size=cfg.vision_intermediate_size,
@@ -63,16 +64,29 @@ def bench_generation(new_tokens: int = 20, prompt_tokens: int = 24, repeats: int
     n_image = (cfg.image_size // cfg.patch_size) ** 2
     llava_ids = torch.cat([torch.tensor([[cfg.bos_token_id] + [cfg.image_token_id] * n_image]), text], dim=1)
 
-    def run_transformers():
+    def run_transformers(n: int = new_tokens):
         out = llava.generate(input_ids=llava_ids, pixel_values=pixel_values, attention_mask=torch.ones_like(llava_ids),
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              pad_token_id=cfg.pad_token_id, eos_token_id=None)
-        assert out.shape[1] - llava_ids.shape[1] == new_tokens
+        assert out.shape[1] - llava_ids.shape[1] == n
 
     ours_s = _time(run_ours, repeats)
     hf_s = _time(run_transformers, repeats)
+    reference_s = _time(lambda: run_ours(fast=False), repeats)
+    int8_s = _time(lambda: run_ours(int8=True), repeats)
+    # Prefill alone (one new token), so that the decode step can be compared on its own.
+    ours_pre = _time(lambda: run_ours(1), repeats)
+    hf_pre = _time(lambda: run_transformers(1), repeats)
+    ours_step = (ours_s - ours_pre) / max(new_tokens - 1, 1)
+    hf_step = (hf_s - hf_pre) / max(new_tokens - 1, 1)
     return {"new_tokens": new_tokens, "prompt_text_tokens": prompt_tokens, "repeats": repeats,
             "ours_ms": 1000 * ours_s, "transformers_ms": 1000 * hf_s, "speedup": hf_s / ours_s,
+            "ours_reference_path_ms": 1000 * reference_s, "fused_decode_speedup": reference_s / ours_s,
+            "ours_prefill_ms": 1000 * ours_pre, "transformers_prefill_ms": 1000 * hf_pre,
+            "ours_decode_ms_per_token": 1000 * ours_step, "transformers_decode_ms_per_token": 1000 * hf_step,
+            "decode_speedup": hf_step / ours_step if ours_step > 0 else None,
+            "ours_int8_ms": 1000 * int8_s, "int8_speedup_vs_transformers": hf_s / int8_s,
+            "ours_int8_decode_ms_per_token": 1000 * (int8_s - ours_pre) / max(new_tokens - 1, 1),
             "ours_parameters": sum(p.numel() for p in ours.parameters()),
             "transformers_parameters": sum(p.numel() for p in llava.parameters()),
             "ours_visual_tokens": ours.num_visual_tokens if hasattr(ours, "num_visual_tokens") else None,

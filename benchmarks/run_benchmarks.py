@@ -148,6 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         ("ours: generate (ms)", results["generation_vs_transformers"]["ours_ms"]),
         ("transformers Llava generate (ms)", results["generation_vs_transformers"]["transformers_ms"]),
         ("speed-up vs transformers (x)", results["generation_vs_transformers"]["speedup"]),
+        ("ours: prefill (ms)", results["generation_vs_transformers"]["ours_prefill_ms"]),
+        ("transformers: prefill (ms)", results["generation_vs_transformers"]["transformers_prefill_ms"]),
+        ("ours: decode (ms/token)", results["generation_vs_transformers"]["ours_decode_ms_per_token"]),
+        ("transformers: decode (ms/token)", results["generation_vs_transformers"]["transformers_decode_ms_per_token"]),
+        ("decode speed-up vs transformers (x)", results["generation_vs_transformers"]["decode_speedup"]),
+        ("ours, reference path (ms)", results["generation_vs_transformers"]["ours_reference_path_ms"]),
+        ("fused decode speed-up (x)", results["generation_vs_transformers"]["fused_decode_speedup"]),
+        ("ours, int8 decoding (ms)", results["generation_vs_transformers"]["ours_int8_ms"]),
+        ("ours int8: decode (ms/token)", results["generation_vs_transformers"]["ours_int8_decode_ms_per_token"]),
+        ("int8 speed-up vs transformers (x)", results["generation_vs_transformers"]["int8_speedup_vs_transformers"]),
     ]
     print(f"{'metric':<36}{'value':>12}")
     for name, value in rows:

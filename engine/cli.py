@@ -36,6 +36,8 @@ def _add_ask(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="checkpoint folder (default: the embedded model)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"),
+                   help="auto: float32 on CPU, bfloat16 on CUDA; int8: int8 decoding on CPU (faster, see docs)")
     p.add_argument("--bands", type=int, nargs="+", help="1-based bands to use as R G B")
 
 
@@ -45,7 +47,7 @@ def _run_ask(args: argparse.Namespace) -> int:
     params = {"raster": args.raster, "bbox": args.bbox, "bbox_crs": args.bbox_crs, "region_wkt": args.region_wkt,
               "region_crs": args.bbox_crs, "task": args.task, "question": args.question, "out": args.out,
               "out_crs": args.out_crs, "model": args.model, "device": args.device, "max_tokens": args.max_tokens,
-              "bands": args.bands}
+              "bands": args.bands, "precision": args.precision}
     result = EngineService().ask({k: v for k, v in params.items() if v is not None})
     print(json.dumps(result, ensure_ascii=False))
     return 0

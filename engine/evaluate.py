@@ -24,7 +24,7 @@ BATCH = 16
 
 
 def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, device: str = "auto",
-             max_new_tokens: int = 48, progress: bool = True) -> dict:
+             max_new_tokens: int = 48, progress: bool = True, int8: bool = False) -> dict:
     """Score a checkpoint on n fresh samples; returns the scores as one flat-ish dict."""
     from tqdm import tqdm
 
@@ -35,6 +35,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
 
     t0 = time.perf_counter()
     pipeline = RsLvlmPipeline.load(model_dir, device=resolve_device(device))
+    pipeline.int8_decode = int8
     samples = list(iter_samples(seed, n, image_size=pipeline.image_size))
     by_task: dict[str, list] = defaultdict(list)
     for s in samples:
@@ -65,7 +66,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
                 bar.update(len(chunk))
         predictions[task] = texts
     bar.close()
-    scores: dict = {"model": str(model_dir), "seed": seed, "n": len(samples),
+    scores: dict = {"model": str(model_dir), "seed": seed, "n": len(samples), "int8_decode": int8,
                     "counts": {task: len(group) for task, group in by_task.items()}}
     if by_task.get("classify"):
         scores["scene_accuracy"] = classification_accuracy(predictions["classify"],
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--int8", action="store_true", help="decode with int8 matrices (CPU), to measure its effect")
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = args.model or DEFAULT_MODEL_DIR
     require_model_dir(model_dir)
-    scores = evaluate(model_dir, seed=args.seed, n=args.n, device=args.device, max_new_tokens=args.max_new_tokens)
+    scores = evaluate(model_dir, seed=args.seed, n=args.n, device=args.device, max_new_tokens=args.max_new_tokens,
+                      int8=args.int8)
     text = json.dumps(scores, indent=None if args.json else 2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

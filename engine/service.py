@@ -23,7 +23,7 @@ log = logging.getLogger("engine.service")
 
 TASKS = ("caption", "vqa", "ground", "classify")
 PRECISIONS = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-              "float16": "float16", "fp16": "float16"}
+              "float16": "float16", "fp16": "float16", "int8": "int8"}
 TASK_ALIASES = {"ask": "vqa", "question": "vqa", "grounding": "ground", "detect": "ground", "classification": "classify"}
 DEFAULT_IMAGE_SIZE = 128
 DEFAULT_MAX_TOKENS = 64
@@ -112,7 +112,7 @@ class AskParams:
         device = text("device") or "auto"
         precision = (text("precision") or "auto").lower()
         if precision not in PRECISIONS:
-            raise EngineError(BAD_REQUEST, f"unknown precision {precision!r}; choose auto, float32, bfloat16 or float16")
+            raise EngineError(BAD_REQUEST, f"unknown precision {precision!r}; choose auto, float32, bfloat16, float16 or int8")
         return cls(precision=precision, raster=raster, task=task, bbox=bbox, bbox_crs=text("bbox_crs"), region_wkt=region_wkt,
                    region_crs=text("region_crs") or text("bbox_crs"), question=question, out=text("out"),
                    out_crs=text("out_crs"), model=text("model"), device=device, max_tokens=max_tokens, bands=bands)
@@ -155,7 +155,8 @@ class EngineService:
         """Load (once) and return the inference pipeline for a model folder, device and precision.
 
         ``auto`` is float32 on the CPU and bfloat16 on CUDA; half precision on a CPU is allowed
-        but slow, since few CPU kernels are vectorised for it.
+        but slow, since few CPU kernels are vectorised for it.  ``int8`` (CPU, embedded model
+        family) keeps float32 weights for the prefill and decodes with int8 matrices.
         """
         from .device import resolve_device
 
@@ -168,7 +169,16 @@ class EngineService:
             from .backends import load_pipeline
 
             t0 = time.perf_counter()
+            int8 = dtype == "int8"
+            if int8 and resolved != "cpu":
+                raise EngineError(BAD_REQUEST, "int8 precision is for the CPU; use bfloat16 or float16 on CUDA")
+            dtype = "float32" if int8 else dtype
             self._pipeline = load_pipeline(model_dir, device=resolved, **({"dtype": dtype} if dtype else {}))
+            if int8:
+                if not hasattr(self._pipeline, "int8_decode"):
+                    self._pipeline = None
+                    raise EngineError(BAD_REQUEST, "int8 precision is available for the embedded model family only")
+                self._pipeline.int8_decode = True
             self._pipeline_key = key
             log.info("model %s loaded on %s in %.2f s", model_dir, resolved, time.perf_counter() - t0)
         return self._pipeline

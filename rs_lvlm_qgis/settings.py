@@ -29,7 +29,7 @@ KEY_MODEL_FOLDERS = PREFIX + "model_folders"
 
 ENV_ENGINE_PYTHON = "RS_LVLM_ENGINE_PYTHON"
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "float32", "float16", "bfloat16")
+PRECISIONS = ("auto", "float32", "float16", "bfloat16", "int8")
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TIMEOUT_S = 300
 HISTORY_LENGTH = 20

@@ -47,6 +47,7 @@ class RsLvlmPipeline:
         self.model_dir = model_dir
         self.name = getattr(self.config, "name", None) or model_dir.name
         self._question_cache: dict[str, np.ndarray] = {}
+        self.int8_decode = False           # decode with int8 matrices (CPU; see fast_decode.py)
 
     @classmethod
     def load(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | str | None = None) -> "RsLvlmPipeline":
@@ -71,7 +72,8 @@ class RsLvlmPipeline:
                 "parameters_total": counts.get("total"), "image_size": self.image_size,
                 "use_sam": bool(self.config.use_sam), "use_experts": bool(self.config.use_experts),
                 "knowledge_entries": int(len(self.knowledge.level_ids)),
-                "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
+                "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+                "int8_decode": self.int8_decode}
 
     # -- helpers ----------------------------------------------------------------------------
     def question_embeds(self, questions: list[str]) -> torch.Tensor:
@@ -126,7 +128,8 @@ class RsLvlmPipeline:
 
         result = generate(self.model, pixel_values, input_ids, attention, q_embeds, max_new_tokens=max_new_tokens,
                           do_sample=do_sample, temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
-                          on_token=stream, should_stop=should_stop, retriever=self.retriever)
+                          on_token=stream, should_stop=should_stop, retriever=self.retriever,
+                          int8=self.int8_decode)
         t_gen = time.perf_counter()
         answers = []
         for i, text in enumerate(result.texts):

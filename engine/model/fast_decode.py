@@ -1,0 +1,174 @@
+"""The decode step of generation on fused weights and a preallocated KV cache.
+
+Why: after the prefill, every generated token runs the language model on one position per row.
+For the embedded model that step is a few dozen tiny matrix products, so its time is Python and
+dispatch overhead, not arithmetic: the module-by-module path (``LlamaAttention``, one expert
+at a time with ``index_add``, a ``DynamicCache`` that concatenates) costs several times the
+arithmetic.  The decoder here computes exactly the same function for *text* tokens (all that is
+ever decoded) with fewer, larger operations:
+
+* q, k and v projections as one matrix product per layer;
+* the semantic-expert block for a text token, ``shared(x) + sum_l g_l(x) expert_l(x)``, as one
+  gate/up product over the concatenated experts, the gate weights applied per expert slice, and
+  one down product over the concatenated down projections;
+* a static KV cache written in place (no concatenation), attended with SDPA over the filled part;
+* RoPE cos/sin looked up from a table instead of recomputed.
+
+On a CPU the step is bound by reading the weights (about 24 MB per token for the embedded
+model), so ``int8=True`` stores the step's matrices as per-channel int8 and runs them with
+PyTorch's dynamically quantised linear kernel (fbgemm / oneDNN): a quarter of the bytes, at the
+price of a small, measured change of the answers (docs/performance.md).  The prefill stays in
+the model's own precision.
+
+The prefill (image, retrieval, visual tokens routed by level) still runs the reference model; its
+cache is copied into the static one.  ``tests/engine/test_fast_decode.py`` checks that both paths
+give the same tokens and logits within float tolerance; ``generate(..., fast=False)`` is the
+reference path.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experts import SemanticExpertMLP
+
+__all__ = ["FusedDecoder"]
+
+
+class _Matrix:
+    """A weight matrix (out, in) applied as ``x @ W.T (+ b)``: float, or per-channel int8."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8: bool = False) -> None:
+        self.weight, self.bias, self.packed = weight, bias, None
+        if int8:
+            if weight.device.type != "cpu" or weight.dtype != torch.float32:
+                raise ValueError("int8 decoding needs a float32 model on the CPU")
+            w = weight.detach()
+            scales = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).double()
+            with warnings.catch_warnings():   # torch points eager quantisation users to torchao
+                warnings.simplefilter("ignore")
+                q = torch.quantize_per_channel(w, scales, torch.zeros(w.shape[0], dtype=torch.long), 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(q, None if bias is None else bias.detach())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.quantized.linear_dynamic(x, self.packed, False)
+        return F.linear(x, self.weight, self.bias)
+
+
+class _FusedLayer:
+    """One decoder layer's weights, fused for a single-position (text) step."""
+
+    def __init__(self, layer: nn.Module, int8: bool = False) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.ln1, self.ln1_eps = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
+        self.ln2, self.ln2_eps = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], dim=0)       # (Q+2K, H)
+        self.qkv = _Matrix(qkv, int8=int8)
+        self.q_size, self.kv_size = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
+        self.o = _Matrix(attn.o_proj.weight, int8=int8)                                          # (H, Q)
+        self.scaling = attn.scaling
+        if isinstance(mlp, SemanticExpertMLP):
+            parts = [mlp.shared_expert, *mlp.experts]
+            self.router = mlp.router.weight                                                      # (L, H)
+            widths = [p.gate_proj.weight.shape[0] for p in parts]
+            # Row e of `spread` puts expert e's weight (1 for the shared expert) on its slice.
+            spread = torch.zeros(len(parts), sum(widths), dtype=qkv.dtype, device=qkv.device)
+            start = 0
+            for e, width in enumerate(widths):
+                spread[e, start:start + width] = 1.0
+                start += width
+            self.spread = spread                                                                 # (1+L, I)
+        else:
+            parts, self.router, self.spread = [mlp], None, None
+        gate_up = torch.cat([p.gate_proj.weight for p in parts] + [p.up_proj.weight for p in parts], dim=0)
+        self.gate_up = _Matrix(gate_up, int8=int8)                                               # (2I, H)
+        self.down = _Matrix(torch.cat([p.down_proj.weight for p in parts], dim=1), int8=int8)    # (H, I)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H) -> (B, H): shared + gated level experts (or the plain SwiGLU MLP)."""
+        gate, up = self.gate_up(x).chunk(2, dim=-1)                                    # (B, I) each
+        h = F.silu(gate) * up
+        if self.router is not None:
+            g = torch.softmax(F.linear(x, self.router).float(), dim=-1).to(x.dtype)             # (B, L)
+            weights = torch.cat([torch.ones_like(g[:, :1]), g], dim=-1)                          # (B, 1+L)
+            h = h * (weights @ self.spread)
+        return self.down(h)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's arithmetic (float32 statistics, weight applied in the input dtype)."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class FusedDecoder:
+    """Decode steps for one batch of generation: static cache of ``capacity`` positions."""
+
+    def __init__(self, model: nn.Module, batch: int, capacity: int, int8: bool = False) -> None:
+        lm = model.language_model
+        config = model.config
+        self.layers = [_FusedLayer(layer, int8) for layer in lm.layers]
+        self.embed = lm.embed_tokens.weight
+        self.head = _Matrix(model.lm_head.weight, model.lm_head.bias, int8=int8)
+        self.final_norm, self.final_eps = lm.norm.weight, lm.norm.variance_epsilon
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        device, dtype = self.embed.device, self.embed.dtype
+        inv_freq = lm.rotary_emb.inv_freq.to(device=device, dtype=torch.float32)
+        positions = torch.arange(capacity, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None]
+        emb = torch.cat([freqs, freqs], dim=-1) * lm.rotary_emb.attention_scaling              # (P, hd)
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        shape = (len(self.layers), batch, self.kv_heads, capacity, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+        self.capacity = capacity
+
+    def load_cache(self, cache) -> None:
+        """Copy a prefill ``DynamicCache`` (per layer (B, kv_heads, T, hd)) into the static cache."""
+        for i, layer in enumerate(cache.layers):
+            t = layer.keys.shape[-2]
+            if t > self.capacity:
+                raise ValueError(f"prompt of {t} positions exceeds the cache of {self.capacity}")
+            self.keys[i, :, :, :t] = layer.keys
+            self.values[i, :, :, :t] = layer.values
+        self.length = cache.layers[0].keys.shape[-2]
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B,), attention_mask (B, length + 1) over cache + this token -> logits (B, V)."""
+        if self.length >= self.capacity:
+            raise ValueError("the static KV cache is full")
+        b, pos = tokens.shape[0], self.length
+        positions = (attention_mask.long().sum(-1) - 1).clamp(min=0)                             # (B,)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]                    # (B, 1, hd)
+        additive = torch.zeros(attention_mask.shape, dtype=self.embed.dtype, device=self.embed.device)
+        additive = additive.masked_fill(~attention_mask.bool(), torch.finfo(additive.dtype).min)
+        additive = additive[:, None, None, :]                                                    # (B, 1, 1, K)
+        hidden = F.embedding(tokens, self.embed)                                                 # (B, H)
+        gqa = self.heads != self.kv_heads
+        for i, layer in enumerate(self.layers):
+            x = _rms_norm(hidden, layer.ln1, layer.ln1_eps)
+            q, k, v = layer.qkv(x).split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
+            q = q.view(b, self.heads, self.head_dim)
+            k = k.view(b, self.kv_heads, self.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.keys[i, :, :, pos] = k
+            self.values[i, :, :, pos] = v.view(b, self.kv_heads, self.head_dim)
+            attn = F.scaled_dot_product_attention(
+                q[:, :, None], self.keys[i, :, :, :pos + 1], self.values[i, :, :, :pos + 1],
+                attn_mask=additive, scale=layer.scaling, enable_gqa=gqa)                         # (B, h, 1, hd)
+            hidden = hidden + layer.o(attn.reshape(b, -1))
+            hidden = hidden + layer.mlp(_rms_norm(hidden, layer.ln2, layer.ln2_eps))
+        self.length += 1
+        return self.head(_rms_norm(hidden, self.final_norm, self.final_eps))       # (B, V)
