@@ -32,6 +32,7 @@ class GenerationResult:
     retrieved: dict[str, tuple[torch.Tensor, torch.Tensor]]  # level -> (scores (B,k), ids (B,k))
     stopped_reason: str                          # "cancelled" > "max_tokens" > "stop_string" > "eos"
     stopped_reasons: list[str] = field(default_factory=list)  # per row
+    logprobs: list[list[float]] = field(default_factory=list)  # per row: log p of each generated token
 
 
 def sample_next_token(
@@ -60,6 +61,7 @@ class _Row:
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
+        self.logprobs: list[float] = []
         self.text = ""
         self.emitted = 0
         self.reason: str | None = None
@@ -123,8 +125,10 @@ def generate(
         next_tokens = sample_next_token(logits, do_sample, temperature, top_p, generator)   # (B,)
         alive = torch.tensor([r.reason is None for r in rows], device=device)
         next_tokens = torch.where(alive, next_tokens, torch.full_like(next_tokens, pad))
+        chosen = torch.log_softmax(logits.float(), dim=-1).gather(1, next_tokens[:, None])[:, 0].tolist()
         for index, row in enumerate(rows):
             if row.reason is None:
+                row.logprobs.append(chosen[index])
                 _advance(row, index, int(next_tokens[index]), eos, tokenizer, stop_strings, on_token)
         if all(r.reason is not None for r in rows):
             break
@@ -190,4 +194,5 @@ def _result(rows: list[_Row], retrieved: dict, cancelled: bool,
             row.emitted = len(row.text)
     reasons = [r.reason for r in rows]
     overall = next((r for r in ("cancelled", "max_tokens", "stop_string") if r in reasons), "eos")
-    return GenerationResult([r.tokens for r in rows], [r.text for r in rows], retrieved, overall, reasons)
+    return GenerationResult([r.tokens for r in rows], [r.text for r in rows], retrieved, overall, reasons,
+                            [r.logprobs for r in rows])

@@ -135,8 +135,7 @@ class RsLvlmPipeline:
         for i, text in enumerate(result.texts):
             text = text.strip()
             boxes = parse_boxes(text) if task == "ground" or "{<" in text else []
-            scores = self._box_scores(pixel_values[i:i + 1], input_ids[i:i + 1], attention[i:i + 1],
-                                      q_embeds[i:i + 1], result.sequences[i], boxes)
+            scores = self._box_scores(result.sequences[i], result.logprobs[i], boxes)
             answers.append(Answer(text=text, boxes=boxes, box_scores=scores,
                                   retrieved=self._retrieved_for(result.retrieved, i), stopped_reason=result.stopped_reason,
                                   prompt_question=asked))
@@ -165,22 +164,14 @@ class RsLvlmPipeline:
                             "definition": entry.definition, "score": round(float(score), 4)})
         return out
 
-    def _box_scores(self, pixel_values, input_ids, attention, q_embeds, generated: list[int],
-                    boxes: list[GridBox]) -> list[float]:
+    def _box_scores(self, generated: list[int], logp: list[float], boxes: list[GridBox]) -> list[float]:
         """Confidence of each box: the geometric mean probability of the tokens that wrote it.
 
-        One teacher-forced pass over prompt + answer gives every answer token's probability;
-        the tokens are then matched to each box's ``{...}`` span in the decoded text.
+        Generation records each token's log-probability as it picks it (no second pass); the
+        tokens are then matched to each box's ``{...}`` span in the decoded text.
         """
         if not boxes or not generated:
             return [0.0] * len(boxes)
-        gen = torch.tensor([generated], dtype=torch.long, device=input_ids.device)
-        ids = torch.cat([input_ids, gen], dim=1)
-        mask = torch.cat([attention, torch.ones_like(gen)], dim=1)
-        out = self.model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, question_embeds=q_embeds,
-                         retriever=self.retriever)
-        logits = out.logits[0, -gen.shape[1] - 1:-1].float()          # (G, V): predicts each generated token
-        logp = torch.log_softmax(logits, dim=-1).gather(1, gen[0].unsqueeze(1)).squeeze(1).tolist()
         # Character span of each generated token in the decoded text.
         spans, text = [], ""
         for t in generated:

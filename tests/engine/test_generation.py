@@ -120,3 +120,16 @@ def test_sampling_is_reproducible_and_tiny_top_p_is_greedy(setup):
     nucleus = generate(model, pixels, ids, mask, question, max_new_tokens=6, do_sample=True, top_p=1e-6,
                        generator=torch.Generator().manual_seed(7)).sequences
     assert nucleus == greedy
+
+
+def test_recorded_logprobs_equal_a_teacher_forced_pass(setup):
+    model, pixels, ids, mask, question = setup
+    result = generate(model, pixels[:1], ids[:1], mask[:1], question[:1], max_new_tokens=6)
+    gen = torch.tensor([result.sequences[0]])
+    full_ids = torch.cat([ids[:1], gen], dim=1)
+    full_mask = torch.cat([mask[:1], torch.ones_like(gen)], dim=1)
+    with torch.no_grad():
+        logits = model(pixels[:1], full_ids, full_mask, question_embeds=question[:1]).logits[0, -gen.shape[1] - 1:-1]
+    expected = torch.log_softmax(logits.float(), dim=-1).gather(1, gen[0][:, None])[:, 0]
+    assert len(result.logprobs[0]) == len(result.sequences[0])
+    torch.testing.assert_close(torch.tensor(result.logprobs[0]), expected, rtol=1e-4, atol=1e-4)
