@@ -31,7 +31,7 @@ sample: setup
 # One 85-minute run on 2 CPU cores (configs/tiny.json; see docs/results.md), then the float16 copy.
 model: setup
 	$(ENGINE_PY) -m engine train --config configs/tiny.json --out runs/shipped_model --run-dir runs/model
-	$(ENGINE_PY) -m engine export-checkpoint runs/shipped_model resources/model --dtype float16
+	$(ENGINE_PY) -m engine export-checkpoint runs/shipped_model resources/model --dtype float16 --name rs-lvlm-tiny
 
 evaluate: setup
 	$(ENGINE_PY) -m engine evaluate --model resources/model --seed 1000 --n 500 --json

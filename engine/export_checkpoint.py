@@ -18,10 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", type=Path)
     parser.add_argument("dst", type=Path)
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    parser.add_argument("--name", help="the model's display name (config.json 'name')")
     args = parser.parse_args(argv)
     from .model.checkpoint import load_checkpoint, save_checkpoint
 
     loaded = load_checkpoint(args.src)
+    if args.name:
+        loaded.model.config.name = args.name
     if args.dst.exists():
         shutil.rmtree(args.dst)
     save_checkpoint(loaded.model, loaded.tokenizer, args.dst, knowledge_index_dir=loaded.knowledge_dir,

@@ -214,6 +214,8 @@ def build_model(config: TrainConfig, tokenizer, knowledge, device: str):
 
     model_config = RsLvlmConfig.preset(config.preset, vocab_size=len(tokenizer), use_sam=config.use_sam,
                                        use_experts=config.use_experts, **config.model_overrides)
+    if not model_config.name:
+        model_config.name = f"rs-lvlm-{config.preset}"
     for attr in ("pad_token_id", "bos_token_id", "eos_token_id", "image_token_id"):
         if hasattr(model_config, attr):
             token = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,

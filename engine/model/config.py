@@ -133,6 +133,7 @@ class RsLvlmConfig:
     grid_position_hint: bool = False
 
     model_type: str = field(default="rs_lvlm")
+    name: str = ""        # shown to the analyst ("rs-lvlm-tiny"); empty: the checkpoint folder's name
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(float(v) for v in self.image_mean)
