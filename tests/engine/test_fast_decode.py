@@ -96,3 +96,50 @@ def test_int8_decoding_is_refused_off_the_cpu_float32_path():
     model = small_model(seed=4).eval().to(torch.bfloat16)
     with pytest.raises(ValueError, match="float32 model on the CPU"):
         FusedDecoder(model, batch=1, capacity=8, int8=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory):
+    """A small model over the real knowledge base, saved as a checkpoint the engine loads."""
+    import numpy as np
+
+    from engine.knowledge.knowledge_base import DEFAULT_INDEX_DIR, KnowledgeBase
+    from engine.model.checkpoint import save_checkpoint
+    from engine.model.modeling_rs_lvlm import RsLvlmForConditionalGeneration
+    from engine.model.tokenizer import build_tokenizer
+    from model_helpers import small_config
+
+    tokenizer = build_tokenizer(["an airport with airplanes.", "storage tank {<10><20><30><40>|0}"] * 10,
+                                vocab_size=400)
+    kb = KnowledgeBase.load(DEFAULT_INDEX_DIR)
+    torch.manual_seed(4)
+    model = RsLvlmForConditionalGeneration(small_config(vocab_size=len(tokenizer)),
+                                           torch.from_numpy(np.asarray(kb.embeddings)),
+                                           torch.as_tensor(np.asarray(kb.level_ids), dtype=torch.long)).eval()
+    return save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("ckpt") / "model",
+                           knowledge_index_dir=DEFAULT_INDEX_DIR)
+
+
+def test_int8_precision_request_decodes_with_int8_on_the_cpu(checkpoint_dir):
+    import numpy as np
+
+    from engine.service import EngineService
+
+    service = EngineService()
+    pipeline = service.pipeline(str(checkpoint_dir), "cpu", "int8")
+    assert pipeline.int8_decode and pipeline.info()["int8_decode"]
+    assert next(pipeline.model.parameters()).dtype == torch.float32   # the prefill stays float32
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    answer = pipeline.answer([image], "caption", None, max_new_tokens=4)[0]
+    assert answer.timing["new_tokens"] >= 1
+    assert not service.pipeline(str(checkpoint_dir), "cpu", "float32").int8_decode
+
+
+def test_int8_precision_is_refused_on_cuda(checkpoint_dir):
+    from engine.errors import EngineError
+    from engine.service import EngineService
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    with pytest.raises(EngineError, match="int8 precision is for the CPU"):
+        EngineService().pipeline(str(checkpoint_dir), "cuda", "int8")
