@@ -32,5 +32,6 @@ def describe_device(device: str) -> dict:
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         return {"device": props.name, "device_type": "cuda", "memory_gb": round(props.total_memory / 2**30, 1)}
-    return {"device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+    threads = torch.get_num_threads()
+    return {"device": f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads != 1 else ''})",
             "device_type": "cpu"}
