@@ -35,7 +35,8 @@ def run(config_path: Path, budget_min: float, seeds: list[int], n_eval: int, eva
     from .train import TrainConfig, train
 
     results: dict = {"budget_min": budget_min, "seeds": seeds, "n_eval": n_eval, "eval_seed": eval_seed,
-                     "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+                     "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+                                 "torch_threads": __import__("torch").get_num_threads()},
                      "runs": []}
     for variant in variants:
         for seed in seeds:
@@ -96,7 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/ablation.json"))
     parser.add_argument("--tokenizer-from", type=Path, default=Path("resources/model"),
                         help="reuse this checkpoint's tokenizer for every run")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="only merge result files of runs done in parallel (e.g. one process per seed)")
     args = parser.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        results = {**parts[0], "seeds": sorted({s for p in parts for s in p["seeds"]}),
+                   "runs": [r for p in parts for r in p["runs"]], "merged_from": [str(p) for p in args.merge]}
+        results["summary"] = summarise(results["runs"])
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        print(markdown_table(results))
+        return 0
     results = run(args.config, args.budget_min, args.seeds, args.n, args.eval_seed, args.runs_dir, args.variants,
                   args.tokenizer_from)
     args.out.parent.mkdir(parents=True, exist_ok=True)
