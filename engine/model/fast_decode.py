@@ -110,15 +110,38 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """In-place modification counter (-1 for tensors made under inference_mode, which have none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
+def _fused_weights(model: nn.Module, int8: bool) -> tuple[list[_FusedLayer], _Matrix]:
+    """The fused layers and LM head of ``model``, built once and kept on the model.
+
+    Fusing copies every matrix of the language model (and int8 packing quantises it), which
+    would cost more than a short answer's decoding if done per request; the copy is rebuilt
+    only when a parameter was replaced or changed in place (its ``_version`` moved on)."""
+    params = list(model.language_model.parameters()) + list(model.lm_head.parameters())
+    key = (int8, tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in params))
+    cached = model.__dict__.get("_fused_decode_weights", {})
+    if cached.get(int8, (None,))[0] != key:
+        layers = [_FusedLayer(layer, int8) for layer in model.language_model.layers]
+        cached[int8] = (key, layers, _Matrix(model.lm_head.weight, model.lm_head.bias, int8=int8))
+        model.__dict__["_fused_decode_weights"] = cached
+    return cached[int8][1], cached[int8][2]
+
+
 class FusedDecoder:
     """Decode steps for one batch of generation: static cache of ``capacity`` positions."""
 
     def __init__(self, model: nn.Module, batch: int, capacity: int, int8: bool = False) -> None:
         lm = model.language_model
         config = model.config
-        self.layers = [_FusedLayer(layer, int8) for layer in lm.layers]
+        self.layers, self.head = _fused_weights(model, int8)
         self.embed = lm.embed_tokens.weight
-        self.head = _Matrix(model.lm_head.weight, model.lm_head.bias, int8=int8)
         self.final_norm, self.final_eps = lm.norm.weight, lm.norm.variance_epsilon
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads

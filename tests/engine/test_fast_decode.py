@@ -143,3 +143,15 @@ def test_int8_precision_is_refused_on_cuda(checkpoint_dir):
         pytest.skip("needs a CUDA device")
     with pytest.raises(EngineError, match="int8 precision is for the CPU"):
         EngineService().pipeline(str(checkpoint_dir), "cuda", "int8")
+
+
+def test_fused_weights_are_reused_until_a_parameter_changes():
+    model = small_model(seed=2).eval()
+    first = FusedDecoder(model, batch=1, capacity=8)
+    assert FusedDecoder(model, batch=1, capacity=8).layers is first.layers      # built once
+    with torch.no_grad():
+        model.language_model.layers[0].self_attn.q_proj.weight.mul_(2.0)        # e.g. a training step
+    rebuilt = FusedDecoder(model, batch=1, capacity=8)
+    assert rebuilt.layers is not first.layers
+    assert torch.equal(rebuilt.layers[0].qkv.weight[:model.config.hidden_size],
+                       model.language_model.layers[0].self_attn.q_proj.weight)
