@@ -12,7 +12,7 @@ ever decoded) with fewer, larger operations:
   gate/up product over the concatenated experts, the gate weights applied per expert slice, and
   one down product over the concatenated down projections;
 * a static KV cache written in place (no concatenation), attended with SDPA over the filled part;
-* RoPE cos/sin looked up from a table instead of recomputed.
+* RoPE cos/sin computed once for the whole cache by the model's rotary embedding, then looked up.
 
 On a CPU the step is bound by reading the weights (about 24 MB per token for the embedded
 model), so ``int8=True`` stores the step's matrices as per-channel int8 and runs them with
@@ -32,6 +32,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
 from .experts import SemanticExpertMLP
 
@@ -64,8 +65,7 @@ class _FusedLayer:
 
     def __init__(self, layer: nn.Module, int8: bool = False) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.ln1, self.ln1_eps = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
-        self.ln2, self.ln2_eps = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm            # LlamaRMSNorm
         qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], dim=0)       # (Q+2K, H)
         self.qkv = _Matrix(qkv, int8=int8)
         self.q_size, self.kv_size = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
@@ -97,17 +97,6 @@ class _FusedLayer:
             weights = torch.cat([torch.ones_like(g[:, :1]), g], dim=-1)                          # (B, 1+L)
             h = h * (weights @ self.spread)
         return self.down(h)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm's arithmetic (float32 statistics, weight applied in the input dtype)."""
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -142,15 +131,13 @@ class FusedDecoder:
         config = model.config
         self.layers, self.head = _fused_weights(model, int8)
         self.embed = lm.embed_tokens.weight
-        self.final_norm, self.final_eps = lm.norm.weight, lm.norm.variance_epsilon
+        self.final_norm = lm.norm
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         device, dtype = self.embed.device, self.embed.dtype
-        inv_freq = lm.rotary_emb.inv_freq.to(device=device, dtype=torch.float32)
-        positions = torch.arange(capacity, device=device, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None]
-        emb = torch.cat([freqs, freqs], dim=-1) * lm.rotary_emb.attention_scaling              # (P, hd)
-        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        positions = torch.arange(capacity, device=device)[None]                                  # (1, P)
+        cos, sin = lm.rotary_emb(self.embed, positions)                                          # (1, P, hd)
+        self.cos, self.sin = cos[0], sin[0]                                                      # looked up per step
         shape = (len(self.layers), batch, self.kv_heads, capacity, self.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -180,18 +167,18 @@ class FusedDecoder:
         hidden = F.embedding(tokens, self.embed)                                                 # (B, H)
         gqa = self.heads != self.kv_heads
         for i, layer in enumerate(self.layers):
-            x = _rms_norm(hidden, layer.ln1, layer.ln1_eps)
+            x = layer.ln1(hidden)
             q, k, v = layer.qkv(x).split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
             q = q.view(b, self.heads, self.head_dim)
             k = k.view(b, self.kv_heads, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
             self.keys[i, :, :, pos] = k
             self.values[i, :, :, pos] = v.view(b, self.kv_heads, self.head_dim)
             attn = F.scaled_dot_product_attention(
                 q[:, :, None], self.keys[i, :, :, :pos + 1], self.values[i, :, :, :pos + 1],
                 attn_mask=additive, scale=layer.scaling, enable_gqa=gqa)                         # (B, h, 1, hd)
             hidden = hidden + layer.o(attn.reshape(b, -1))
-            hidden = hidden + layer.mlp(_rms_norm(hidden, layer.ln2, layer.ln2_eps))
+            hidden = hidden + layer.mlp(layer.ln2(hidden))
         self.length += 1
-        return self.head(_rms_norm(hidden, self.final_norm, self.final_eps))       # (B, V)
+        return self.head(self.final_norm(hidden))       # (B, V)
