@@ -164,23 +164,26 @@ class EngineService:
         require_model_dir(model_dir)
         resolved = resolve_device(device or self.default_device)
         dtype = PRECISIONS.get(precision or "auto")
+        int8 = dtype == "int8"
+        if int8:
+            # Checked before loading anything: a refused request keeps the loaded model.
+            from .backends import backend_for
+
+            if resolved != "cpu":
+                raise EngineError(BAD_REQUEST, "int8 precision is for the CPU; use bfloat16 or float16 on CUDA")
+            if backend_for(model_dir) != "rs_lvlm":
+                raise EngineError(BAD_REQUEST, "int8 precision is available for the embedded model family only")
+            dtype = "float32"       # the same float32 model; only its decode step runs in int8
         key = (str(model_dir.resolve()), resolved, dtype)
         if self._pipeline is None or self._pipeline_key != key:
             from .backends import load_pipeline
 
             t0 = time.perf_counter()
-            int8 = dtype == "int8"
-            if int8 and resolved != "cpu":
-                raise EngineError(BAD_REQUEST, "int8 precision is for the CPU; use bfloat16 or float16 on CUDA")
-            dtype = "float32" if int8 else dtype
             self._pipeline = load_pipeline(model_dir, device=resolved, **({"dtype": dtype} if dtype else {}))
-            if int8:
-                if not hasattr(self._pipeline, "int8_decode"):
-                    self._pipeline = None
-                    raise EngineError(BAD_REQUEST, "int8 precision is available for the embedded model family only")
-                self._pipeline.int8_decode = True
             self._pipeline_key = key
             log.info("model %s loaded on %s in %.2f s", model_dir, resolved, time.perf_counter() - t0)
+        if hasattr(self._pipeline, "int8_decode"):
+            self._pipeline.int8_decode = int8
         return self._pipeline
 
     # -- handlers ---------------------------------------------------------------------------

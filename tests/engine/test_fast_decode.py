@@ -132,7 +132,8 @@ def test_int8_precision_request_decodes_with_int8_on_the_cpu(checkpoint_dir):
     image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     answer = pipeline.answer([image], "caption", None, max_new_tokens=4)[0]
     assert answer.timing["new_tokens"] >= 1
-    assert not service.pipeline(str(checkpoint_dir), "cpu", "float32").int8_decode
+    float32 = service.pipeline(str(checkpoint_dir), "cpu", "float32")
+    assert float32 is pipeline and not float32.int8_decode     # same model, only the decode step differs
 
 
 def test_int8_precision_is_refused_on_cuda(checkpoint_dir):
