@@ -77,8 +77,10 @@ def bench_generation(new_tokens: int = 20, prompt_tokens: int = 24, repeats: int
     # Prefill alone (one new token), so that the decode step can be compared on its own.
     ours_pre = _time(lambda: run_ours(1), repeats)
     hf_pre = _time(lambda: run_transformers(1), repeats)
-    ours_step = (ours_s - ours_pre) / max(new_tokens - 1, 1)
-    hf_step = (hf_s - hf_pre) / max(new_tokens - 1, 1)
+    def per_token(total_s: float, prefill_s: float) -> float:
+        return (total_s - prefill_s) / max(new_tokens - 1, 1)
+
+    ours_step, hf_step = per_token(ours_s, ours_pre), per_token(hf_s, hf_pre)
     return {"new_tokens": new_tokens, "prompt_text_tokens": prompt_tokens, "repeats": repeats,
             "ours_ms": 1000 * ours_s, "transformers_ms": 1000 * hf_s, "speedup": hf_s / ours_s,
             "ours_reference_path_ms": 1000 * reference_s, "fused_decode_speedup": reference_s / ours_s,
@@ -86,7 +88,7 @@ def bench_generation(new_tokens: int = 20, prompt_tokens: int = 24, repeats: int
             "ours_decode_ms_per_token": 1000 * ours_step, "transformers_decode_ms_per_token": 1000 * hf_step,
             "decode_speedup": hf_step / ours_step if ours_step > 0 else None,
             "ours_int8_ms": 1000 * int8_s, "int8_speedup_vs_transformers": hf_s / int8_s,
-            "ours_int8_decode_ms_per_token": 1000 * (int8_s - ours_pre) / max(new_tokens - 1, 1),
+            "ours_int8_decode_ms_per_token": 1000 * per_token(int8_s, ours_pre),
             "ours_parameters": sum(p.numel() for p in ours.parameters()),
             "transformers_parameters": sum(p.numel() for p in llava.parameters()),
             "ours_visual_tokens": ours.num_visual_tokens if hasattr(ours, "num_visual_tokens") else None,

@@ -31,12 +31,14 @@ METRICS = ("scene_accuracy", "vqa_accuracy", "grounding_acc50", "grounding_mean_
 
 def run(config_path: Path, budget_min: float, seeds: list[int], n_eval: int, eval_seed: int,
         runs_dir: Path, variants: list[str], tokenizer_from: Path | None = None) -> dict:
+    import torch
+
     from .evaluate import evaluate
     from .train import TrainConfig, train
 
     results: dict = {"budget_min": budget_min, "seeds": seeds, "n_eval": n_eval, "eval_seed": eval_seed,
                      "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                                 "torch_threads": __import__("torch").get_num_threads()},
+                                 "torch_threads": torch.get_num_threads()},
                      "runs": []}
     for variant in variants:
         for seed in seeds:
@@ -75,6 +77,14 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
+def merge(paths: list[Path]) -> dict:
+    """One result from the result files of runs done side by side (e.g. one process per seed)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    runs = [r for p in parts for r in p["runs"]]
+    return {**parts[0], "seeds": sorted({s for p in parts for s in p["seeds"]}), "runs": runs,
+            "merged_from": [str(p) for p in paths], "summary": summarise(runs)}
+
+
 def markdown_table(results: dict) -> str:
     header = "| variant | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
     lines = []
@@ -101,16 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="only merge result files of runs done in parallel (e.g. one process per seed)")
     args = parser.parse_args(argv)
     if args.merge:
-        parts = [json.loads(Path(p).read_text()) for p in args.merge]
-        results = {**parts[0], "seeds": sorted({s for p in parts for s in p["seeds"]}),
-                   "runs": [r for p in parts for r in p["runs"]], "merged_from": [str(p) for p in args.merge]}
-        results["summary"] = summarise(results["runs"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        print(markdown_table(results))
-        return 0
-    results = run(args.config, args.budget_min, args.seeds, args.n, args.eval_seed, args.runs_dir, args.variants,
-                  args.tokenizer_from)
+        results = merge(args.merge)
+    else:
+        results = run(args.config, args.budget_min, args.seeds, args.n, args.eval_seed, args.runs_dir, args.variants,
+                      args.tokenizer_from)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(markdown_table(results))
