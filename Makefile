@@ -38,11 +38,11 @@ evaluate: setup
 
 # Four variants x two seeds, 6 minutes of training each; the two seeds run side by side, one
 # thread each, so both seeds of a variant train under the same load (about 30 minutes in all).
-ABLATION = $(ENGINE_PY) -m engine.ablation --config configs/tiny.json --budget-min 6 --n 500
+ABLATION = $(ENGINE_PY) -m engine.lab.ablation --config configs/tiny.json --budget-min 6 --n 500
 ablation: setup
 	OMP_NUM_THREADS=1 $(ABLATION) --seeds 0 --out runs/ablation/seed0.json & \
 	OMP_NUM_THREADS=1 $(ABLATION) --seeds 1 --out runs/ablation/seed1.json & wait
-	$(ENGINE_PY) -m engine.ablation --merge runs/ablation/seed0.json runs/ablation/seed1.json --out docs/ablation.json
+	$(ENGINE_PY) -m engine.lab.ablation --merge runs/ablation/seed0.json runs/ablation/seed1.json --out docs/ablation.json
 
 bench: setup
 	$(ENGINE_PY) benchmarks/run_benchmarks.py

@@ -81,12 +81,12 @@ def _delegate(module: str) -> Callable[[list[str]], int]:
 
 
 DELEGATED = {
-    "train": "engine.train",
-    "evaluate": "engine.evaluate",
+    "train": "engine.lab.train",
+    "evaluate": "engine.lab.evaluate",
     "build-knowledge": "engine.knowledge.knowledge_base",
-    "demo": "engine.demo",
+    "demo": "engine.lab.demo",
     "make-sample": "engine.data.sample_raster",
-    "export-checkpoint": "engine.export_checkpoint",
+    "export-checkpoint": "engine.lab.export_checkpoint",
     "convert": "engine.convert",
 }
 

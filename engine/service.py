@@ -221,7 +221,7 @@ class EngineService:
         """Read the region, answer with the model, georeference boxes, optionally export."""
         from .geo.georef import crs_to_string, grid_boxes_to_polygons, region_polygon
         from .geo.window import read_chip
-        from .model.grounding import grid_to_pixels
+        from .grounding import grid_to_pixels
 
         ctx = context or SilentContext()
         p = AskParams.from_dict(params)

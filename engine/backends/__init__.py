@@ -1,10 +1,10 @@
 """Model backends: which pipeline answers for a checkpoint folder, chosen from its config.json.
 
 * ``model_type == "rs_lvlm"`` (or anything not below): our own RS-LVLM
-  (:class:`engine.model.inference.RsLvlmPipeline`).
+  (:class:`engine.backends.rs_lvlm.RsLvlmPipeline`).
 * ``model_type == "llava"`` with safetensors weights: a transformers
   ``LlavaForConditionalGeneration`` (GeoChat / LLaVA-1.5 family,
-  :class:`engine.backends.llava_backend.LlavaPipeline`).
+  :class:`engine.backends.llava.LlavaPipeline`).
 * An original LLaVA / GeoChat folder (config with ``mm_vision_tower``) or a folder whose weights
   are only pickles (``.bin`` ...) is refused with the ``python -m engine convert`` command that
   turns it into a safetensors LLaVA folder: the engine itself never unpickles anything.
@@ -84,9 +84,9 @@ def load_pipeline(model_dir: Path | str, device: str = "cpu", **options: Any) ->
     """
     model_dir = Path(model_dir)
     if backend_for(model_dir) == "llava":
-        from .llava_backend import LlavaPipeline
+        from .llava import LlavaPipeline
 
         return LlavaPipeline.load(model_dir, device=device, **options)
-    from engine.model.inference import RsLvlmPipeline
+    from engine.backends.rs_lvlm import RsLvlmPipeline
 
     return RsLvlmPipeline.load(model_dir, device=device, **options)

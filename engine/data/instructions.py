@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from ..model.grounding import GridBox, format_grounded, pixels_to_grid
+from engine.grounding import GridBox, format_grounded, pixels_to_grid
 from .captions import SCENE_NOUN, caption_for
 from .scene_generator import (
     LAND_COVER_CLASSES, OBJECT_CLASSES, SCENE_CLASSES, Scene, SceneObject, generate_scene,

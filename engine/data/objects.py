@@ -8,7 +8,7 @@ the pixels.
 Geometry convention: continuous pixel coordinates with the image's top-left corner at (0, 0),
 x to the right, y down, pixel ``i`` covering ``[i, i + 1)``.  Angles are degrees, clockwise in
 image space, folded into ``(-90, 90]`` -- the same convention as the GeoChat box text in
-``engine.model.grounding``.
+``engine.grounding``.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from ..model.grounding import format_grounded, parse_boxes, pixels_to_grid
+from engine.grounding import format_grounded, parse_boxes, pixels_to_grid
 from .instructions import Sample
 from .scene_generator import OBJECT_CLASSES, SCENE_CLASSES
 

@@ -36,7 +36,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.geometry.polygon import orient
 
 from engine.errors import UNKNOWN_CRS, EngineError
-from engine.model.grounding import GridBox, grid_to_pixels
+from engine.grounding import GridBox, box_corners, grid_to_pixels
 
 if TYPE_CHECKING:  # pragma: no cover - typing only (window imports this module)
     from engine.geo.window import Chip
@@ -136,24 +136,6 @@ def geometry_is_finite(geom: BaseGeometry) -> bool:
     """True when every coordinate is a finite number (PROJ writes ``inf`` for failures)."""
     coords = shapely.get_coordinates(geom)
     return bool(np.isfinite(coords).all())
-
-
-def box_corners(x1: float, y1: float, x2: float, y2: float, angle: float = 0.0
-                ) -> list[tuple[float, float]]:
-    """The 4 corners of a box rotated ``angle`` degrees clockwise (image space) about its centre.
-
-    Returned top-left, top-right, bottom-right, bottom-left of the unrotated box.  In image space
-    (y down) the rotation matrix ``[[cos, -sin], [sin, cos]]`` turns x towards +y, which on
-    screen is clockwise.
-    """
-    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
-    hw, hh = abs(x2 - x1) / 2.0, abs(y2 - y1) / 2.0
-    t = math.radians(angle)
-    c, s = math.cos(t), math.sin(t)
-    out = []
-    for dx, dy in ((-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh)):
-        out.append((cx + dx * c - dy * s, cy + dx * s + dy * c))
-    return out
 
 
 def chip_boxes_to_polygons(boxes: Sequence[Sequence[float]], chip: "Chip",

@@ -2,7 +2,7 @@
 semantic-aware experts in a Llama-family decoder; tokenizer, prompts, generation, checkpoints.
 
 Imports are lazy (``from engine.model import generate`` loads torch only then), so that pure
-helpers such as :mod:`engine.model.grounding` stay cheap to import.
+helpers such as :mod:`engine.grounding` stay cheap to import.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .config import RsLvlmConfig
 from .experts import SemanticExpertMLP
-from .grounding import GRID_MAX
+from engine.grounding import GRID_MAX
 from .language_model import RsLvlmLanguageModel
 from .projector import MultiLevelProjector
 from .semantic_augmentation import Retriever, SemanticAugmentation

@@ -14,44 +14,30 @@ from typing import Sequence
 
 import torch
 
+from engine.tasks import DEFAULT_QUESTIONS, TASK_TOKENS, default_question, split_task_token
+
 __all__ = [
     "TASKS", "DEFAULT_QUESTIONS", "default_question", "build_prompt", "encode_prompt", "encode_example", "pad_batch",
 ]
 
 IGNORE_INDEX = -100
-TASKS: dict[str, str] = {
-    "caption": "[caption]",
-    "vqa": "[vqa]",
-    "ground": "[grounding]",
-    "classify": "[classify]",
-    "refer": "[refer]",
-    "identify": "[identify]",
-}
-"""Task name -> task token.  The product's four tasks first; ``refer``/``identify`` are GeoChat's
-referring (phrase -> box) and region-identification (box -> phrase) instructions."""
-DEFAULT_QUESTIONS: dict[str, str] = {
-    "caption": "describe this image in detail.",
-    "vqa": "what can you see in this image?",
-    "ground": "locate the objects in this image and give their boxes.",
-    "classify": "which scene class best describes this image?",
-    "refer": "where is the object in this image?",
-    "identify": "what is in the marked region?",
-}
-
-
-def default_question(task: str) -> str:
-    """The question a task asks when the user gives none."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
-    return DEFAULT_QUESTIONS[task]
+TASKS = TASK_TOKENS
+"""Task name -> task token (:mod:`engine.tasks` is their home)."""
 
 
 def build_prompt(task: str, question: str | None = None) -> str:
-    """``"<image>\\n[task] question\\n"``; an empty question takes the task's default."""
-    question = " ".join((question or "").split()) or default_question(task)
+    """``"<image>\\n[task] question\\n"``; an empty question takes the task's default.
+
+    A question that already starts with a task token ("[grounding] airplanes") gets no second
+    one: the token is the task's, written once.
+    """
+    if task not in TASK_TOKENS:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_TOKENS)}")
+    _, question = split_task_token(question)
+    question = question or default_question(task)
     if "<image>" in question:
         question = question.replace("<image>", "image")   # exactly one <image> per prompt
-    return f"<image>\n{TASKS[task]} {question}\n"
+    return f"<image>\n{TASK_TOKENS[task]} {question}\n"
 
 
 def encode_prompt(tokenizer, task: str, question: str | None = None) -> list[int]:

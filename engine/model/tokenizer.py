@@ -24,7 +24,7 @@ from typing import Iterable
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .grounding import GRID_MAX
+from engine.grounding import GRID_MAX
 
 __all__ = ["build_tokenizer", "load_tokenizer", "save_tokenizer", "SPECIAL_TOKENS", "GROUNDING_TOKENS", "TASK_TOKENS"]
 

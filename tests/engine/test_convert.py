@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from engine.backends import load_pipeline
-from engine.backends.llava_backend import LlavaPipeline
+from engine.backends.llava import LlavaPipeline
 from engine.convert import convert, read_weights
 from engine.errors import BAD_CHECKPOINT, EngineError
 from test_llava_backend import TEXT, VISION, ForceText, char_tokenizer, chip, tiny_llava_config

@@ -21,7 +21,7 @@ from engine.geo.georef import (
     transform_geometry,
 )
 from engine.geo.window import read_chip
-from engine.model.grounding import GridBox, pixels_to_grid
+from engine.grounding import GridBox, pixels_to_grid
 from geo_rasters import FEATURE_PX, bright_extent, write_raster
 
 SOURCE_PIXEL = {"EPSG:32633": 10.0, "EPSG:3857": 10.0, "EPSG:4326": 1e-4}

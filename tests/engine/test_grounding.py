@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.model.grounding import (
+from engine.grounding import (
     GridBox,
     format_box,
     format_boxes,

@@ -12,7 +12,7 @@ from engine.data.instructions import (
     object_grid_box, position_word,
 )
 from engine.data.scene_generator import OBJECT_CLASSES, SCENE_CLASSES, generate_scene
-from engine.model.grounding import format_box, grid_to_pixels, parse_boxes
+from engine.grounding import format_box, grid_to_pixels, parse_boxes
 
 
 def _scenes(n=30, seed=4):

@@ -17,7 +17,7 @@ import torch
 from shapely.geometry import Polygon
 
 from engine.backends import load_pipeline
-from engine.backends.llava_backend import VICUNA_V1_SYSTEM, LlavaPipeline
+from engine.backends.llava import VICUNA_V1_SYSTEM, LlavaPipeline
 from engine.errors import BAD_CHECKPOINT, EngineError
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from engine.metrics import (
+from engine.lab.metrics import (
     box_iou, caption_scores, classification_accuracy, grounding_scores, normalize_answer,
     vqa_accuracy,
 )
-from engine.model.grounding import GridBox
+from engine.grounding import GridBox
 
 
 def test_vqa_accuracy_is_normalised_exact_match_overall_and_per_qtype():

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--name", help="the model's display name (config.json 'name')")
     args = parser.parse_args(argv)
-    from .model.checkpoint import load_checkpoint, save_checkpoint
+    from engine.model.checkpoint import load_checkpoint, save_checkpoint
 
     loaded = load_checkpoint(args.src)
     if args.name:

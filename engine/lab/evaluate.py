@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-log = logging.getLogger("engine.evaluate")
+log = logging.getLogger("engine.lab.evaluate")
 
 DEFAULT_EVAL_SEED = 1000
 BATCH = 16
@@ -28,10 +28,10 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
     """Score a checkpoint on n fresh samples; returns the scores as one flat-ish dict."""
     from tqdm import tqdm
 
-    from .data.instructions import iter_samples
-    from .device import resolve_device
+    from engine.data.instructions import iter_samples
+    from engine.device import resolve_device
     from .metrics import caption_scores, classification_accuracy, grounding_scores, vqa_accuracy
-    from .model.inference import RsLvlmPipeline
+    from engine.backends.rs_lvlm import RsLvlmPipeline
 
     t0 = time.perf_counter()
     pipeline = RsLvlmPipeline.load(model_dir, device=resolve_device(device))
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
-    from .paths import DEFAULT_MODEL_DIR
-    from .service import require_model_dir
+    from engine.paths import DEFAULT_MODEL_DIR
+    from engine.service import require_model_dir
 
     model_dir = args.model or DEFAULT_MODEL_DIR
     require_model_dir(model_dir)

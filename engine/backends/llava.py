@@ -4,7 +4,7 @@ A folder in the transformers layout (``config.json`` with ``model_type: "llava"`
 weights of a ``LlavaForConditionalGeneration``, tokenizer files, optionally
 ``preprocessor_config.json``) answers the product's four tasks exactly like the embedded model:
 streamed tokens, cancellation between tokens, and grounded boxes parsed from GeoChat's box text by
-:func:`engine.model.grounding.parse_boxes`, so that the service georeferences them with the same
+:func:`engine.grounding.parse_boxes`, so that the service georeferences them with the same
 code.  Original LLaVA / GeoChat folders are converted once with ``python -m engine convert``.
 
 Prompts follow GeoChat (itself LLaVA-1.5): the Vicuna v1 conversation template, the image first in
@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from engine.errors import BAD_CHECKPOINT, EngineError
-from engine.model.grounding import GridBox, parse_boxes
-from engine.model.inference import Answer
+from engine.tasks import split_task_token
+from engine.grounding import GridBox, parse_boxes
+from engine.backends.rs_lvlm import Answer
 
 from .memory import MODEL_TOO_LARGE, check_fits, resolve_dtype, resolve_quantization, safetensors_files
 from .tokenizer_files import IMAGE_TOKEN, load_tokenizer
@@ -93,7 +94,8 @@ def build_instruction(task: str, question: str | None) -> tuple[str, str]:
       within one of the given classes: ..." over the knowledge base's scene classes.
     * ``vqa``: the question + LLaVA-1.5's short-answer suffix.
     """
-    q = " ".join((question or "").split()).replace(IMAGE_TOKEN, "image")
+    _, q = split_task_token(question)
+    q = q.replace(IMAGE_TOKEN, "image")
     if task == "ground":
         if not q:
             return "[grounding] Describe the image in detail.", "Describe the image in detail."

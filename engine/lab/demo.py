@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from .paths import DEFAULT_MODEL_DIR, SAMPLE_RASTER
+from engine.paths import DEFAULT_MODEL_DIR, SAMPLE_RASTER
 
 
 def _tiles(raster: Path) -> list[dict]:
@@ -42,7 +42,7 @@ def quicklook(raster: Path, bounds_3857: list[float], result: dict, path: Path) 
     """Draw the chip the model saw with its boxes (pixel coordinates of the chip) into a PNG."""
     from PIL import Image, ImageDraw
 
-    from .geo.window import read_chip
+    from engine.geo.window import read_chip
 
     chip = read_chip(raster, bbox=tuple(bounds_3857), bbox_crs="EPSG:3857", size=512)
     image = Image.fromarray(chip.image)
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.getLogger().setLevel(logging.WARNING)  # the demo prints its own report
-    from .service import EngineService, export_result, require_model_dir
+    from engine.service import EngineService, export_result, require_model_dir
 
     import rasterio
 

@@ -1,4 +1,4 @@
-"""Ablation of the paper's components: ``python -m engine.ablation``.
+"""Ablation of the paper's components: ``python -m engine.lab.ablation``.
 
 Four variants — baseline (no SAM, no experts), +SAM, +experts, full — are trained from the same
 config, data and time budget, each with several seeds, and evaluated on the same fresh split.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("engine.ablation")
+log = logging.getLogger("engine.lab.ablation")
 
 VARIANTS = {
     "baseline": {"use_sam": False, "use_experts": False},
@@ -96,7 +96,7 @@ def markdown_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m engine.ablation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.lab.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/tiny.json"))
     parser.add_argument("--budget-min", type=float, default=6.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

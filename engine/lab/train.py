@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-log = logging.getLogger("engine.train")
+log = logging.getLogger("engine.lab.train")
 
 
 @dataclass
@@ -83,10 +83,10 @@ class SampleStream(torch.utils.data.IterableDataset):
         self.extra_ground = extra_ground
 
     def __iter__(self) -> Iterator:
-        from .data.instructions import SyntheticInstructionDataset
+        from engine.data.instructions import SyntheticInstructionDataset
 
         dataset = SyntheticInstructionDataset(seed=self.data_seed, n_scenes=self.n_scenes, image_size=self.image_size)
-        from .data.instructions import make_sample
+        from engine.data.instructions import make_sample
 
         i = self.start_scene
         while True:
@@ -100,8 +100,8 @@ class SampleStream(torch.utils.data.IterableDataset):
 
 def tokenizer_corpus(config: TrainConfig, image_size: int, kb_entries: list) -> Iterator[str]:
     """Texts the tokenizer learns from: prompts and answers of sample scenes plus the knowledge base."""
-    from .data.instructions import SyntheticInstructionDataset
-    from .model.prompts import build_prompt
+    from engine.data.instructions import SyntheticInstructionDataset
+    from engine.model.prompts import build_prompt
 
     dataset = SyntheticInstructionDataset(seed=config.data_seed + 7919, n_scenes=config.tokenizer_scenes,
                                           image_size=32)
@@ -131,8 +131,8 @@ class Collator:
         return torch.from_numpy(np.stack([self._question_cache[q] for q in questions]))
 
     def __call__(self, samples: list) -> dict:
-        from .model.image_processing import preprocess_images
-        from .model.prompts import encode_example
+        from engine.model.image_processing import preprocess_images
+        from engine.model.prompts import encode_example
 
         encoded = [encode_example(self.tokenizer, s.task, s.question, s.answer) for s in samples]
         length = max(len(ids) for ids, _ in encoded)
@@ -209,8 +209,8 @@ def load_train_state(run_dir: Path, model, optimizer) -> tuple[int, int, float]:
 
 
 def build_model(config: TrainConfig, tokenizer, knowledge, device: str):
-    from .model.config import RsLvlmConfig
-    from .model.modeling_rs_lvlm import RsLvlmForConditionalGeneration
+    from engine.model.config import RsLvlmConfig
+    from engine.model.modeling_rs_lvlm import RsLvlmForConditionalGeneration
 
     model_config = RsLvlmConfig.preset(config.preset, vocab_size=len(tokenizer), use_sam=config.use_sam,
                                        use_experts=config.use_experts, **config.model_overrides)
@@ -232,17 +232,17 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
     """Train one model to ``out_dir`` (a checkpoint folder); returns the run summary."""
     from tqdm import tqdm
 
-    from .device import resolve_device
-    from .knowledge.knowledge_base import DEFAULT_INDEX_DIR, KnowledgeBase, SentenceEncoder
-    from .model.checkpoint import save_checkpoint
-    from .model.tokenizer import build_tokenizer, load_tokenizer
+    from engine.device import resolve_device
+    from engine.knowledge.knowledge_base import DEFAULT_INDEX_DIR, KnowledgeBase, SentenceEncoder
+    from engine.model.checkpoint import save_checkpoint
+    from engine.model.tokenizer import build_tokenizer, load_tokenizer
 
     set_seed(config.seed)
     device = resolve_device(config.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
     knowledge = KnowledgeBase.load(DEFAULT_INDEX_DIR)
-    from .model.config import RsLvlmConfig
+    from engine.model.config import RsLvlmConfig
 
     image_size = RsLvlmConfig.preset(config.preset, **config.model_overrides).image_size
     if (run_dir / "tokenizer.json").is_file():

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .grounding import GridBox, parse_boxes
+from engine.grounding import GridBox, parse_boxes
 
 LEVELS = ("object", "region", "scene")
 
@@ -51,8 +51,8 @@ class RsLvlmPipeline:
 
     @classmethod
     def load(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | str | None = None) -> "RsLvlmPipeline":
-        from ..knowledge.knowledge_base import KnowledgeBase, SentenceEncoder
-        from .checkpoint import load_checkpoint
+        from engine.knowledge.knowledge_base import KnowledgeBase, SentenceEncoder
+        from engine.model.checkpoint import load_checkpoint
 
         model_dir = Path(model_dir)
         if dtype is None and device == "cuda":
@@ -105,9 +105,9 @@ class RsLvlmPipeline:
                on_token: Callable[[int, str], None] | None = None, should_stop: Callable[[], bool] | None = None,
                do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[Answer]:
         """Answer the same task/question for each image (several regions run as one batch)."""
-        from .generation import generate
-        from .image_processing import preprocess_images
-        from .prompts import build_prompt, default_question
+        from engine.model.generation import generate
+        from engine.model.image_processing import preprocess_images
+        from engine.model.prompts import build_prompt, default_question
 
         t0 = time.perf_counter()
         asked = question if question else default_question(task)

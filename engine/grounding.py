@@ -54,6 +54,7 @@ __all__ = [
     "grid_to_pixels",
     "pixels_to_grid",
     "GRID_MAX",
+    "box_corners",
 ]
 
 GRID_MAX = 100
@@ -210,3 +211,18 @@ def pixels_to_grid(x1: float, y1: float, x2: float, y2: float, angle: float,
     gx1, gx2 = sorted((_grid_int(x1 / width * GRID_MAX), _grid_int(x2 / width * GRID_MAX)))
     gy1, gy2 = sorted((_grid_int(y1 / height * GRID_MAX), _grid_int(y2 / height * GRID_MAX)))
     return GridBox(float(gx1), float(gy1), float(gx2), float(gy2), float(_angle_int(angle)), label)
+
+
+def box_corners(x1: float, y1: float, x2: float, y2: float, angle: float = 0.0
+                ) -> list[tuple[float, float]]:
+    """The 4 corners of a box rotated ``angle`` degrees clockwise (image space) about its centre.
+
+    Returned top-left, top-right, bottom-right, bottom-left of the unrotated box.  In image space
+    (y down) the rotation matrix ``[[cos, -sin], [sin, cos]]`` turns x towards +y, which on
+    screen is clockwise.  The one home of this maths: georeferencing and the metrics use it.
+    """
+    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
+    hw, hh = abs(x2 - x1) / 2.0, abs(y2 - y1) / 2.0
+    t = math.radians(angle or 0.0)
+    c, s = math.cos(t), math.sin(t)
+    return [(cx + dx * c - dy * s, cy + dx * s + dy * c) for dx, dy in ((-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh))]

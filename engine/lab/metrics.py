@@ -14,7 +14,7 @@ import re
 from collections import defaultdict
 from typing import Sequence
 
-from .model.grounding import GridBox, parse_boxes
+from engine.grounding import GridBox, box_corners, parse_boxes
 
 __all__ = [
     "normalize_answer", "vqa_accuracy", "classification_accuracy", "box_polygon", "box_iou",
@@ -71,17 +71,10 @@ def classification_accuracy(preds: Sequence[str], refs: Sequence[str]) -> float:
 
 
 def box_polygon(b: GridBox):
-    """The box as a shapely polygon: edges x1..x2, y1..y2 rotated by ``angle`` degrees clockwise
-    (y down) about the centre, the GeoChat convention of ``engine.model.grounding``."""
+    """The box as a shapely polygon (the GeoChat convention of ``engine.grounding``)."""
     from shapely.geometry import Polygon
 
-    cx, cy = (b.x1 + b.x2) / 2.0, (b.y1 + b.y2) / 2.0
-    hw, hh = abs(b.x2 - b.x1) / 2.0, abs(b.y2 - b.y1) / 2.0
-    t = math.radians(b.angle or 0.0)
-    c, s = math.cos(t), math.sin(t)
-    pts = [(cx + dx * c - dy * s, cy + dx * s + dy * c)
-           for dx, dy in ((-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh))]
-    return Polygon(pts)
+    return Polygon(box_corners(b.x1, b.y1, b.x2, b.y2, b.angle))
 
 
 def box_iou(a: GridBox, b: GridBox) -> float:
@@ -120,7 +113,7 @@ def match_boxes(pred: Sequence[GridBox], ref: Sequence[GridBox]) -> list[float]:
 def grounding_scores(pred_texts: Sequence[str], ref_boxes: Sequence[Sequence[GridBox]]) -> dict:
     """``{"acc@0.5", "mean_iou", "n"}`` over all reference boxes.
 
-    Each prediction text is parsed with :func:`engine.model.grounding.parse_boxes`; predicted and
+    Each prediction text is parsed with :func:`engine.grounding.parse_boxes`; predicted and
     reference boxes of a sample are matched greedily by IoU.  Acc@0.5 is the fraction of
     reference boxes matched with IoU >= 0.5; mean IoU averages the matched IoU (0 if unmatched).
     Extra predicted boxes are not rewarded: they can only take a match from a better one.
