@@ -76,7 +76,10 @@ def _delegate(module: str) -> Callable[[list[str]], int]:
     def run(argv: list[str]) -> int:
         import importlib
 
-        return int(importlib.import_module(module).main(argv) or 0)
+        from .backends.base import checkpoint_errors
+
+        with checkpoint_errors():
+            return int(importlib.import_module(module).main(argv) or 0)
     return run
 
 

@@ -39,8 +39,8 @@ import torch
 from engine.errors import BAD_CHECKPOINT, EngineError
 from engine.tasks import split_task_token
 from engine.grounding import GridBox, parse_boxes
-from engine.backends.rs_lvlm import Answer
 
+from .base import Answer
 from .memory import MODEL_TOO_LARGE, check_fits, resolve_dtype, resolve_quantization, safetensors_files
 from .tokenizer_files import IMAGE_TOKEN, load_tokenizer
 

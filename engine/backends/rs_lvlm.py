@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,20 +17,9 @@ import torch
 
 from engine.grounding import GridBox, parse_boxes
 
+from .base import Answer, checkpoint_errors
+
 LEVELS = ("object", "region", "scene")
-
-
-@dataclass
-class Answer:
-    """One region's answer as the service needs it."""
-
-    text: str
-    boxes: list[GridBox]
-    box_scores: list[float]
-    retrieved: list[dict]
-    stopped_reason: str
-    prompt_question: str
-    timing: dict = field(default_factory=dict)
 
 
 class RsLvlmPipeline:
@@ -57,7 +45,8 @@ class RsLvlmPipeline:
         model_dir = Path(model_dir)
         if dtype is None and device == "cuda":
             dtype = torch.bfloat16
-        loaded = load_checkpoint(model_dir, device=device, dtype=dtype)
+        with checkpoint_errors():
+            loaded = load_checkpoint(model_dir, device=device, dtype=dtype)
         loaded.model.eval()
         knowledge = KnowledgeBase.load(loaded.knowledge_dir, device=device)
         return cls(loaded, knowledge, SentenceEncoder(), device, model_dir)

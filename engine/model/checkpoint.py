@@ -11,7 +11,7 @@ Layout::
 
 Why so strict: a pickle (``.bin``, ``.pt``, ``.ckpt`` ...) can execute code when loaded, and the
 plugin loads checkpoints that users download, so pickles are refused outright, never "tried".
-Every failure is an :class:`~engine.errors.EngineError` whose message names the file or tensor.
+Every failure is a :class:`~engine.model.errors.CheckpointError` whose message names the file or tensor.
 Loading builds the model on the meta device and materialises it once, so a 7B checkpoint never
 pays for a random initialisation.
 """
@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.errors import BAD_CHECKPOINT, NO_MODEL, EngineError
+from .errors import CheckpointError
 
 from .config import LEVEL_NAMES, RsLvlmConfig, knowledge_level_ids
 from .modeling_rs_lvlm import RsLvlmForConditionalGeneration
@@ -95,11 +95,11 @@ def save_checkpoint(model: RsLvlmForConditionalGeneration, tokenizer, out_dir: s
 
 
 def refuse_pickles(model_dir: Path) -> None:
-    """Raise BAD_CHECKPOINT if any pickle-format file lies anywhere under ``model_dir``."""
+    """Raise CheckpointError if any pickle-format file lies anywhere under ``model_dir``."""
     pickles = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         names = ", ".join(str(p.relative_to(model_dir)) for p in pickles[:5]) + (" ..." if len(pickles) > 5 else "")
-        raise EngineError(BAD_CHECKPOINT, (
+        raise CheckpointError((
             f"{model_dir} contains pickle-format files ({names}). Pickle files are never loaded, because "
             "loading one can run arbitrary code. Convert the weights to safetensors in a trusted environment "
             "(e.g. safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')) "
@@ -110,8 +110,7 @@ def load_knowledge_arrays(kdir: Path) -> tuple[np.ndarray, np.ndarray]:
     """(N, 384) float32 embeddings and (N,) knowledge level ids from a ``knowledge/`` dir."""
     emb_path = kdir / "embeddings.npy"
     if not emb_path.is_file():
-        raise EngineError(BAD_CHECKPOINT,
-                          f"{emb_path} is missing: the model's knowledge base is part of the checkpoint")
+        raise CheckpointError(f"{emb_path} is missing: the model's knowledge base is part of the checkpoint")
     try:
         emb = np.load(emb_path, allow_pickle=False).astype(np.float32, copy=False)
         if (kdir / "levels.npy").is_file():
@@ -120,15 +119,14 @@ def load_knowledge_arrays(kdir: Path) -> tuple[np.ndarray, np.ndarray]:
             lines = (kdir / "entries.jsonl").read_text(encoding="utf-8").splitlines()
             levels = np.array(knowledge_level_ids(json.loads(l)["level"] for l in lines if l.strip()), dtype=np.int64)
         else:
-            raise EngineError(BAD_CHECKPOINT, f"{kdir} has neither levels.npy nor entries.jsonl")
-    except EngineError:
+            raise CheckpointError(f"{kdir} has neither levels.npy nor entries.jsonl")
+    except CheckpointError:
         raise
     except Exception as exc:                                        # corrupt npy / json, unknown level
-        raise EngineError(BAD_CHECKPOINT, f"knowledge in {kdir} is unreadable: {exc}") from None
+        raise CheckpointError(f"knowledge in {kdir} is unreadable: {exc}") from None
     bad_ids = levels.size and not 0 <= levels.min() <= levels.max() < len(LEVEL_NAMES)
     if emb.ndim != 2 or levels.shape != (emb.shape[0],) or bad_ids:
-        raise EngineError(BAD_CHECKPOINT,
-                          f"knowledge in {kdir} is inconsistent: embeddings {emb.shape}, levels {levels.shape}")
+        raise CheckpointError(f"knowledge in {kdir} is inconsistent: embeddings {emb.shape}, levels {levels.shape}")
     return emb, levels
 
 
@@ -137,7 +135,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:                                        # SafetensorError, OSError, ...
-        raise EngineError(BAD_CHECKPOINT, (
+        raise CheckpointError((
             f"{path} is truncated or corrupt and cannot be read as safetensors ({exc}). "
             "Copy or export the checkpoint again.")) from None
 
@@ -151,25 +149,24 @@ def load_checkpoint(model_dir: str | Path, device: str | torch.device = "cpu",
     """Load a checkpoint directory onto ``device`` (optionally cast to ``dtype``), in eval mode."""
     d = Path(model_dir)
     if not d.is_dir():
-        raise EngineError(NO_MODEL, f"no model at {d}: the directory does not exist; {HOW_TO_GET_A_MODEL}.")
+        raise CheckpointError(missing=True, message=f"no model at {d}: the directory does not exist; {HOW_TO_GET_A_MODEL}.")
     refuse_pickles(d)
     cfg_path, weights_path = d / "config.json", d / WEIGHTS_NAME
     if not cfg_path.is_file() and not weights_path.is_file():
-        raise EngineError(NO_MODEL, f"no model at {d}: it has no config.json or {WEIGHTS_NAME}; {HOW_TO_GET_A_MODEL}.")
+        raise CheckpointError(missing=True, message=f"no model at {d}: it has no config.json or {WEIGHTS_NAME}; {HOW_TO_GET_A_MODEL}.")
     for path in (cfg_path, weights_path, d / "tokenizer.json"):
         if not path.is_file():
-            raise EngineError(BAD_CHECKPOINT, f"incomplete checkpoint {d}: {path.name} is missing")
+            raise CheckpointError(f"incomplete checkpoint {d}: {path.name} is missing")
     try:
         config = RsLvlmConfig.from_json_file(cfg_path)
     except Exception as exc:
-        raise EngineError(BAD_CHECKPOINT, f"{cfg_path} is not a valid RS-LVLM config: {exc}") from None
+        raise CheckpointError(f"{cfg_path} is not a valid RS-LVLM config: {exc}") from None
     try:
         tokenizer = load_tokenizer(d)
     except Exception as exc:
-        raise EngineError(BAD_CHECKPOINT, f"{d / 'tokenizer.json'} is unreadable: {exc}") from None
+        raise CheckpointError(f"{d / 'tokenizer.json'} is unreadable: {exc}") from None
     if len(tokenizer) > config.vocab_size:
-        raise EngineError(BAD_CHECKPOINT,
-                          f"tokenizer.json has {len(tokenizer)} tokens, config.json only {config.vocab_size}")
+        raise CheckpointError(f"tokenizer.json has {len(tokenizer)} tokens, config.json only {config.vocab_size}")
     knowledge = load_knowledge_arrays(d / "knowledge") if config.use_sam else None
     state = _read_weights(weights_path)
 
@@ -187,8 +184,7 @@ def load_checkpoint(model_dir: str | Path, device: str | torch.device = "cpu",
                 f"unexpected tensors: {_describe(unexpected)}" if unexpected else "",
                 f"tensors with the wrong shape: {_describe(misshaped)}" if misshaped else ""]
     if any(problems):
-        raise EngineError(BAD_CHECKPOINT,
-                          f"{weights_path} does not match {cfg_path}: " + "; ".join(p for p in problems if p))
+        raise CheckpointError(f"{weights_path} does not match {cfg_path}: " + "; ".join(p for p in problems if p))
     model.load_state_dict(state, strict=False)
     model.eval()
     kdir = d / "knowledge"

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
-from engine.errors import BAD_CHECKPOINT, NO_MODEL, EngineError
+from .errors import CheckpointError
 
 from .checkpoint import refuse_pickles
 from .config import RsLvlmConfig
@@ -96,16 +96,16 @@ def _iter_tensors(llava_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     elif (llava_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise EngineError(BAD_CHECKPOINT, f"{llava_dir} has no model.safetensors (or sharded index)")
+        raise CheckpointError(f"{llava_dir} has no model.safetensors (or sharded index)")
     for name in files:
         try:
             with safe_open(str(llava_dir / name), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     yield key, f.get_tensor(key)
-        except EngineError:
+        except CheckpointError:
             raise
         except Exception as exc:
-            raise EngineError(BAD_CHECKPOINT, f"{llava_dir / name} is truncated or corrupt ({exc})") from None
+            raise CheckpointError(f"{llava_dir / name} is truncated or corrupt ({exc})") from None
 
 
 def _targets(key: str, model: RsLvlmForConditionalGeneration) -> list[str]:
@@ -148,7 +148,7 @@ def from_llava_checkpoint(
     ``retrieval_top_k``, ``expert_intermediate_size``, level depths)."""
     llava_dir = Path(llava_dir)
     if not (llava_dir / "config.json").is_file():
-        raise EngineError(NO_MODEL, f"no LLaVA checkpoint at {llava_dir} (config.json missing)")
+        raise CheckpointError(missing=True, message=f"no LLaVA checkpoint at {llava_dir} (config.json missing)")
     refuse_pickles(llava_dir)
     config = llava_config_to_rs_lvlm(json.loads((llava_dir / "config.json").read_text()), **overrides)
     model = RsLvlmForConditionalGeneration.build(
@@ -167,9 +167,9 @@ def from_llava_checkpoint(
                         _init_level_experts(model.get_submodule(f"{head}.mlp"), dense_mlp.pop(head))
             for target in _targets(key, model):
                 if target not in params:
-                    raise EngineError(BAD_CHECKPOINT, f"{llava_dir}: tensor {key} has no counterpart {target}")
+                    raise CheckpointError(f"{llava_dir}: tensor {key} has no counterpart {target}")
                 if tuple(params[target].shape) != tuple(tensor.shape):
-                    raise EngineError(BAD_CHECKPOINT, f"{llava_dir}: tensor {key} has shape {tuple(tensor.shape)}, "
+                    raise CheckpointError(f"{llava_dir}: tensor {key} has shape {tuple(tensor.shape)}, "
                                                       f"expected {tuple(params[target].shape)} for {target}")
                 params[target].copy_(tensor)
                 loaded.add(target)
@@ -180,7 +180,7 @@ def from_llava_checkpoint(
     if config.tie_word_embeddings:
         missing = [n for n in missing if n != "lm_head.weight"]
     if missing:
-        raise EngineError(BAD_CHECKPOINT, f"{llava_dir} lacks tensors for: {', '.join(missing[:5])}"
+        raise CheckpointError(f"{llava_dir} lacks tensors for: {', '.join(missing[:5])}"
                                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     return model.eval()
 

@@ -8,9 +8,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.errors import BAD_CHECKPOINT, NO_MODEL, EngineError
-from engine.model.checkpoint import load_checkpoint, save_checkpoint
+from engine.backends.base import checkpoint_errors
+from engine.model.checkpoint import load_checkpoint as _load_checkpoint
+from engine.model.checkpoint import save_checkpoint
 from engine.model.tokenizer import build_tokenizer
 from model_helpers import prompt_batch, small_model
+
+
+def load_checkpoint(*args, **kwargs):
+    """Load as the engine does: the model's CheckpointError becomes the engine's coded error."""
+    with checkpoint_errors():
+        return _load_checkpoint(*args, **kwargs)
 
 CORPUS = ["an airport with airplanes.", "storage tank {<10><20><30><40>|0}"] * 10
 
