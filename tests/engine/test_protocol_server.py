@@ -121,6 +121,206 @@ def test_cancel_stops_a_running_ask_between_tokens():
     assert {"id": 2, "type": "result", "result": {"cancelled": True, "target": 1}} in replies
 
 
+def strict_loads(line: str):
+    """Parse a reply as strict JSON: NaN / Infinity are refused, as strict clients do."""
+    def refuse(name):
+        raise ValueError(f"non-strict constant {name}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def run_raw(lines: list[bytes], handlers: dict, stdout=None) -> list[dict]:
+    """Like run_lines, parsing every reply strictly and checking each is pure ASCII."""
+    out = stdout or io.StringIO()
+    ProtocolServer(handlers, stdin=io.BytesIO(b"\n".join(lines) + b"\n"), stdout=out).serve_forever()
+    text = out.getvalue()
+    assert text.isascii()
+    return [strict_loads(line) for line in text.splitlines()]
+
+
+def test_nan_and_infinity_in_a_result_become_null():
+    handlers = {**ECHO, "ask": lambda p, c: {"score": float("nan"), "big": float("inf"), "ok": 1.5}}
+    replies = run_raw([b'{"id": 1, "method": "ask"}'], handlers)
+    assert replies == [{"id": 1, "type": "result", "result": {"score": None, "big": None, "ok": 1.5}}]
+
+
+def test_lone_surrogate_in_a_result_is_replaced_not_fatal():
+    handlers = {**ECHO, "ask": lambda p, c: {"text": "a\ud800b"}}
+    by_id = {r["id"]: r for r in run_raw([b'{"id": 1, "method": "ask"}', b'{"id": 2, "method": "info"}'], handlers)}
+    assert by_id[1]["result"]["text"] == "a\ufffdb" and by_id[2]["type"] == "result"
+
+
+def test_unencodable_objects_in_a_result_are_written_as_text():
+    class Unprintable:
+        def __str__(self):
+            raise RuntimeError("no")
+
+    handlers = {**ECHO, "ask": lambda p, c: {"obj": Unprintable(), (1, 2): {3}, "deep": [[[[]]]]}}
+    replies = run_raw([b'{"id": 1, "method": "ask"}'], handlers)
+    assert replies[0]["result"] == {"obj": "<unprintable>", "(1, 2)": [3], "deep": [[[[]]]]}
+
+
+@pytest.mark.parametrize("line", [b'{"id": 1, "method": "info", "params": {"x": NaN}}',
+                                  b'{"id": 1, "method": "info", "params": {"x": -Infinity}}',
+                                  b'{"id": 1, "method": "info", "params": {"x": 1e999}}'])
+def test_non_strict_numbers_in_a_request_are_refused(line):
+    replies = run_raw([line], ECHO)
+    assert replies[0]["type"] == "error" and replies[0]["error"]["code"] == "bad_request"
+
+
+@pytest.mark.parametrize("bad_id", [b"1.0", b"true", b"false", b"[1]", b'{"a": 1}', b'"\\ud800"',
+                                    b"99999999999999999999", b'"' + b"x" * 300 + b'"'])
+def test_ids_other_than_strings_and_integers_are_refused_with_id_null(bad_id):
+    replies = run_raw([b'{"id": ' + bad_id + b', "method": "info"}'], ECHO)
+    assert replies == [{"id": None, "type": "error", "error": {"code": "bad_request",
+                                                             "message": replies[0]["error"]["message"]}}]
+    assert "id" in replies[0]["error"]["message"]
+
+
+def test_an_ask_without_id_is_refused():
+    replies = run_raw([b'{"method": "ask", "params": {}}'], {**ECHO, "ask": lambda p, c: {}})
+    assert replies[0]["type"] == "error" and replies[0]["id"] is None
+
+
+def _blocking_ask(release: threading.Event, started: threading.Event):
+    def ask(params, ctx):
+        started.set()
+        release.wait(10)
+        ctx.check_cancelled()
+        return {"n": params.get("n")}
+    return ask
+
+
+class ScriptedInput(io.RawIOBase):
+    """Yields lines one by one, waiting on an event before the lines marked with one."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __iter__(self):
+        for step in self.steps:
+            if isinstance(step, threading.Event):
+                step.wait(10)
+            elif callable(step):
+                step()
+            else:
+                yield step + b"\n"
+
+
+def test_a_duplicate_of_an_id_in_flight_is_refused_and_the_first_request_still_answers():
+    release, started = threading.Event(), threading.Event()
+    out = io.StringIO()
+    steps = [b'{"id": 1, "method": "ask", "params": {"n": "first"}}', started,
+             b'{"id": 1, "method": "ask", "params": {"n": "second"}}', release.set]
+    ProtocolServer({**ECHO, "ask": _blocking_ask(release, started)}, stdin=ScriptedInput(steps),
+                   stdout=out).serve_forever()
+    replies = [strict_loads(line) for line in out.getvalue().splitlines()]
+    assert replies[0]["id"] is None and replies[0]["error"]["code"] == "bad_request"
+    assert "already" in replies[0]["error"]["message"]
+    assert replies[1:] == [{"id": 1, "type": "result", "result": {"n": "first"}}]
+
+
+def test_an_id_can_be_used_again_once_its_request_has_finished():
+    out = io.StringIO()
+    server = ProtocolServer({**ECHO, "ask": lambda p, c: {"n": p["n"]}}, stdout=out)
+
+    def until_nothing_in_flight():
+        for _ in range(1000):
+            if out.getvalue() and not server._contexts:
+                return
+            time.sleep(0.01)
+
+    server.stdin = ScriptedInput([b'{"id": 1, "method": "ask", "params": {"n": 1}}', until_nothing_in_flight,
+                                  b'{"id": 1, "method": "ask", "params": {"n": 2}}'])
+    server.serve_forever()
+    assert [strict_loads(r)["result"]["n"] for r in out.getvalue().splitlines()] == [1, 2]
+
+
+def test_cancel_hits_the_running_request_and_integer_and_string_ids_differ():
+    release, started = threading.Event(), threading.Event()
+    out = io.StringIO()
+    steps = [b'{"id": 1, "method": "ask", "params": {"n": 1}}', started,
+             b'{"id": "1", "method": "ask", "params": {"n": 2}}',
+             b'{"id": "c", "method": "cancel", "params": {"target": 1}}', release.set]
+    ProtocolServer({**ECHO, "ask": _blocking_ask(release, started)}, stdin=ScriptedInput(steps),
+                   stdout=out).serve_forever()
+    final = {r["id"]: r for r in map(strict_loads, out.getvalue().splitlines())}
+    assert final[1]["error"]["code"] == "cancelled"
+    assert final["1"] == {"id": "1", "type": "result", "result": {"n": 2}}
+    assert final["c"]["result"] == {"cancelled": True, "target": 1}
+
+
+@pytest.mark.parametrize("target", [b"[9]", b'{"a": [1]}', b"1.5", b"true", b'"\\udfff"'])
+def test_cancel_with_a_target_of_any_json_type_answers_and_the_server_goes_on(target):
+    replies = run_raw([b'{"id": "c", "method": "cancel", "params": {"target": ' + target + b"}}",
+                       b'{"id": 2, "method": "info"}'], ECHO)
+    assert replies[0]["id"] == "c" and replies[0]["error"]["code"] == "bad_request"
+    assert replies[1] == {"id": 2, "type": "result", "result": {"ok": True}}
+
+
+def test_a_handler_raising_system_exit_gets_an_internal_error_and_the_worker_goes_on():
+    def leave(params, ctx):
+        raise SystemExit(3)
+
+    replies = run_raw([b'{"id": 1, "method": "ask"}', b'{"id": 2, "method": "echo", "params": {"a": 1}}'],
+                      {**ECHO, "ask": leave})
+    assert replies[0]["id"] == 1 and replies[0]["error"]["code"] == "internal"
+    assert replies[1] == {"id": 2, "type": "result", "result": {"params": {"a": 1}}}
+
+
+class FailingOnce(io.StringIO):
+    """A stdout whose first write of a result fails (as a reply that cannot be written would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = False
+
+    def write(self, text):
+        if not self.failed and '"result"' in text:
+            self.failed = True
+            raise RuntimeError("write failed")
+        return super().write(text)
+
+
+def test_a_reply_that_fails_inside_the_worker_still_gives_one_error_and_the_worker_lives():
+    replies = run_raw([b'{"id": 1, "method": "ask"}', b'{"id": 2, "method": "ask"}'],
+                      {**ECHO, "ask": lambda p, c: {"ok": True}}, stdout=FailingOnce())
+    assert replies[0]["id"] == 1 and replies[0]["error"]["code"] == "internal"
+    assert replies[1] == {"id": 2, "type": "result", "result": {"ok": True}}
+
+
+def test_a_worker_that_has_died_is_restarted_and_runs_the_next_ask():
+    out = io.StringIO()
+    server = ProtocolServer({**ECHO, "ask": lambda p, c: {"n": p["n"]}}, stdout=out,
+                            stdin=io.BytesIO(b""))
+    server._queue.put(None)          # makes the worker thread return at once: a dead worker
+    server._worker.start()
+    server._worker.join(5)
+    server.stdin = ScriptedInput([b'{"id": 1, "method": "ask", "params": {"n": 7}}'])
+    server._worker = threading.Thread(target=lambda: None)  # serve_forever starts this one
+    server.serve_forever()
+    assert strict_loads(out.getvalue().splitlines()[0]) == {"id": 1, "type": "result", "result": {"n": 7}}
+    assert server.worker_restarts >= 1
+
+
+def test_ping_reports_the_worker_alive():
+    replies = run_raw([b'{"id": "p", "method": "ping"}'], ECHO)
+    assert replies[0]["result"]["pong"] is True and replies[0]["result"]["worker_alive"] is True
+
+
+def test_an_over_long_line_gets_an_error_and_the_next_line_is_answered():
+    from engine.protocol import wire
+
+    long_line = b'{"id": 1, "method": "info", "params": {"x": "' + b"a" * (wire.MAX_LINE_BYTES + 10) + b'"}}'
+    replies = run_raw([long_line, b'{"id": 2, "method": "info"}'], ECHO)
+    assert replies[0]["id"] is None and "longer" in replies[0]["error"]["message"]
+    assert replies[1]["id"] == 2 and replies[1]["type"] == "result"
+
+
+def test_deeply_nested_json_gets_an_error():
+    replies = run_raw([b"[" * 100000 + b"]" * 100000, b'{"id": 2, "method": "info"}'], ECHO)
+    assert replies[0]["type"] == "error" and replies[1]["type"] == "result"
+
+
 @pytest.fixture(scope="module")
 def engine_process(engine_python):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
