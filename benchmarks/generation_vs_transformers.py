@@ -31,7 +31,7 @@ def bench_generation(new_tokens: int = 20, prompt_tokens: int = 24, repeats: int
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from engine.model.config import RsLvlmConfig
-    from engine.model.generation import generate
+    from engine.backends.rs_lvlm import generate
     from engine.model.modeling_rs_lvlm import RsLvlmForConditionalGeneration
 
     torch.manual_seed(seed)

@@ -40,14 +40,14 @@ from engine.errors import BAD_CHECKPOINT, EngineError
 from engine.tasks import split_task_token
 from engine.grounding import GridBox, parse_boxes
 
+from engine.model.image_processing import CLIP_MEAN, CLIP_STD, preprocess_images
+
 from .base import Answer
+from .decoding import box_scores, decode
 from .memory import MODEL_TOO_LARGE, check_fits, resolve_dtype, resolve_quantization, safetensors_files
 from .tokenizer_files import IMAGE_TOKEN, load_tokenizer
 
 log = logging.getLogger("engine.backends.llava")
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -117,76 +117,20 @@ def build_instruction(task: str, question: str | None) -> tuple[str, str]:
     return f"{q}\n{SHORT_ANSWER}", q
 
 
-def vicuna_v1_prompt(instruction: str, image_placeholder: str = IMAGE_TOKEN) -> str:
-    """``SYSTEM USER: <image>\\n{instruction} ASSISTANT:`` (separators " " and ``</s>``)."""
-    return f"{VICUNA_V1_SYSTEM} USER: {image_placeholder}\n{instruction} ASSISTANT:"
+def vicuna_v1_prompt(instruction: str, image_placeholder: str = IMAGE_TOKEN,
+                     history: Sequence[dict] | None = None) -> str:
+    """``SYSTEM USER: <image>\\n{instruction} ASSISTANT:`` (separators " " and ``</s>``).
 
-
-# -- images ----------------------------------------------------------------------------------
-def preprocess_images(images: Sequence[np.ndarray], size: int, mean: Sequence[float] = CLIP_MEAN,
-                      std: Sequence[float] = CLIP_STD, rescale: float = 1 / 255) -> torch.Tensor:
-    """HxWx3 uint8 arrays -> (B, 3, size, size) float32, resized without crop or padding."""
-    out = []
-    for img in images:
-        arr = np.asarray(img)
-        if arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        if arr.ndim != 3 or arr.shape[2] < 3:
-            raise ValueError(f"expected an HxWx3 image, got shape {arr.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1).float().unsqueeze(0)
-        if t.shape[-2:] != (size, size):
-            t = torch.nn.functional.interpolate(t, size=(size, size), mode="bicubic", align_corners=False,
-                                                antialias=True).clamp_(0, 255)
-        out.append(t[0])
-    x = torch.stack(out) * rescale
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - m) / s
-
-
-# -- box scores ------------------------------------------------------------------------------
-def box_scores(text: str, token_ends: list[int], token_logps: list[float], boxes: list[GridBox]) -> list[float]:
-    """Geometric mean probability of the tokens overlapping each box's ``{...}`` text.
-
-    ``token_ends[k]`` is the length of the decoded answer after token ``k``.  Boxes are matched to
-    the ``{...}`` groups of ``text`` in order; when the model wrote boxes without braces (the
-    parser accepts them) the groups cannot be matched and every box gets the answer's mean.
+    Earlier turns (``{"question", "answer"}``) come first, the image in the first user turn, as
+    LLaVA-1.5 / GeoChat write a multi-turn conversation.
     """
-    if not boxes:
-        return []
-    if not token_logps:
-        return [0.0] * len(boxes)
-    spans, pos = [], 0
-    while True:
-        start = text.find("{", pos)
-        end = text.find("}", start + 1) if start >= 0 else -1
-        if start < 0 or end < 0:
-            break
-        spans.append((start, end + 1))
-        pos = end + 1
-    overall = math.exp(sum(token_logps) / len(token_logps))
-    if len(spans) != len(boxes):
-        return [overall] * len(boxes)
-    scores = []
-    for a, b in spans:
-        picked = [lp for k, lp in enumerate(token_logps)
-                  if (token_ends[k - 1] if k else 0) < b and token_ends[k] > a]
-        scores.append(math.exp(sum(picked) / len(picked)) if picked else overall)
-    return scores
-
-
-def _streamable(text: str) -> int:
-    """How much of a growing answer can be streamed now: not a trailing partial UTF-8 character
-    (decoded as U+FFFD until its last byte arrives) nor a tail that may become a stop string."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    for stop in STOP_STRINGS:
-        for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:k]):
-                end -= k
-                break
-    return end
+    turns = [(str(t.get("question", "")), str(t.get("answer", ""))) for t in (history or [])]
+    if not turns:
+        return f"{VICUNA_V1_SYSTEM} USER: {image_placeholder}\n{instruction} ASSISTANT:"
+    text = f"{VICUNA_V1_SYSTEM} USER: {image_placeholder}\n{turns[0][0]} ASSISTANT: {turns[0][1]}</s>"
+    for question, answer in turns[1:]:
+        text += f"USER: {question} ASSISTANT: {answer}</s>"
+    return text + f"USER: {instruction} ASSISTANT:"
 
 
 # -- the pipeline ----------------------------------------------------------------------------
@@ -350,10 +294,10 @@ class LlavaPipeline:
                 "converted_from": self.options.get("converted_from"), "memory": self.memory}
 
     # -- prompt ------------------------------------------------------------------------------
-    def prompt_ids(self, instruction: str) -> list[int]:
+    def prompt_ids(self, instruction: str, history: Sequence[dict] | None = None) -> list[int]:
         """Token ids of the Vicuna v1 prompt with the image token repeated once per image patch."""
         start, end = self.image_wrap
-        before, after = vicuna_v1_prompt(instruction, f"{start}{IMAGE_TOKEN}{end}").split(IMAGE_TOKEN, 1)
+        before, after = vicuna_v1_prompt(instruction, f"{start}{IMAGE_TOKEN}{end}", history).split(IMAGE_TOKEN, 1)
         ids = []
         if self.tokenizer.bos_token_id is not None:
             ids.append(int(self.tokenizer.bos_token_id))
@@ -363,103 +307,60 @@ class LlavaPipeline:
         return ids
 
     # -- answering ---------------------------------------------------------------------------
-    def _choose(self, scores: torch.Tensor, do_sample: bool, temperature: float, top_p: float) -> torch.Tensor:
-        if not do_sample or temperature <= 0:
-            return scores.argmax(dim=-1)
-        probs = torch.softmax(scores / temperature, dim=-1)
-        if top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            keep = sorted_p.cumsum(dim=-1) - sorted_p < top_p   # always keeps the top token
-            sorted_p = sorted_p * keep
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        return torch.multinomial(probs / probs.sum(dim=-1, keepdim=True), 1).squeeze(-1)
-
     @torch.inference_mode()
     def answer(self, images: list[np.ndarray], task: str, question: str | None, *, max_new_tokens: int = 64,
                on_token: Callable[[int, str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[Answer]:
-        """Answer the same task/question for each image (one batch; the prompts are identical)."""
+               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+               history: list[dict] | None = None) -> list[Answer]:
+        """Answer the same task/question for each image (one batch; the prompts are identical).
+
+        ``history`` (earlier ``{"question", "answer"}`` turns on the same region) is sent as the
+        earlier turns of the Vicuna conversation, the image in the first one.
+        """
         t0 = time.perf_counter()
         instruction, asked = build_instruction(task, question)
-        ids = self.prompt_ids(instruction)
+        ids = self.prompt_ids(instruction, history)
         n = len(images)
         device = self.model.device if self.device == "cuda" else torch.device(self.device)
         input_ids = torch.tensor([ids] * n, dtype=torch.long, device=device)
         pixel_values = preprocess_images(images, self.image_size, self.image_mean, self.image_std,
                                          self.rescale).to(device=device, dtype=self.dtype)
-        generated: list[list[int]] = [[] for _ in range(n)]
-        logps: list[list[float]] = [[] for _ in range(n)]
-        ends: list[list[int]] = [[] for _ in range(n)]
-        texts = [""] * n
-        emitted = [0] * n
-        reasons: list[str | None] = [None] * n
-        banned = self._banned.to(device)
+        state: dict = {}
         first_token_at: list[float] = []
         t_prep = time.perf_counter()
 
-        if should_stop is not None and should_stop():
-            reasons = ["cancelled"] * n
-        else:
+        def prefill() -> torch.Tensor:
             out = self.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
-            past, logits = out.past_key_values, out.logits[:, -1, :]
-            history = input_ids
-            for step in range(max_new_tokens):
-                scores = logits.float()
-                if banned.numel():
-                    scores[:, banned] = float("-inf")
-                model_logp = torch.log_softmax(scores, dim=-1)
-                for proc in self.logits_processors:
-                    scores = proc(history, scores)
-                tokens = self._choose(scores, do_sample, temperature, top_p)
-                picked = model_logp.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
-                for i in range(n):
-                    if reasons[i] is not None:
-                        continue
-                    tok = int(tokens[i])
-                    if tok in self.eos_ids:
-                        reasons[i] = "eos"
-                        continue
-                    generated[i].append(tok)
-                    logps[i].append(max(float(picked[i]), -1e4))
-                    text = self.tokenizer.decode(generated[i], skip_special_tokens=True)
-                    ends[i].append(len(text))
-                    cut = min((text.find(s) for s in STOP_STRINGS if s in text), default=-1)
-                    if cut >= 0:
-                        text, reasons[i] = text[:cut], "stop_string"
-                    texts[i] = text
-                    ready = _streamable(text) if reasons[i] is None else len(text)
-                    if ready > emitted[i]:
-                        if not first_token_at:
-                            first_token_at.append(time.perf_counter())
-                        if on_token is not None:
-                            on_token(i, text[emitted[i]:ready])
-                        emitted[i] = ready
-                if all(r is not None for r in reasons):
-                    break
-                if should_stop is not None and should_stop():
-                    reasons = [r or "cancelled" for r in reasons]
-                    break
-                if step == max_new_tokens - 1:
-                    break
-                feed = tokens.clone()
-                history = torch.cat([history, feed.unsqueeze(1)], dim=1)
-                out = self.model(input_ids=feed.unsqueeze(1), past_key_values=past, use_cache=True)
-                past, logits = out.past_key_values, out.logits[:, -1, :]
-            reasons = [r or "max_tokens" for r in reasons]
-            for i in range(n):           # what was held back (a stop-string prefix, partial UTF-8)
-                if len(texts[i]) > emitted[i] and on_token is not None:
-                    on_token(i, texts[i][emitted[i]:])
+            state["past"] = out.past_key_values
+            return out.logits[:, -1, :]
+
+        def step(tokens: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+            out = self.model(input_ids=tokens.unsqueeze(1), past_key_values=state["past"], use_cache=True)
+            state["past"] = out.past_key_values
+            return out.logits[:, -1, :]
+
+        def stream(row: int, piece: str) -> None:
+            if piece and not first_token_at:
+                first_token_at.append(time.perf_counter())
+            if piece and on_token is not None:
+                on_token(row, piece)
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        result = decode(prefill, step, n, max_new_tokens=max_new_tokens, eos_ids=sorted(self.eos_ids), pad_id=int(pad),
+                        tokenizer=self.tokenizer, stop_strings=STOP_STRINGS, on_token=stream,
+                        should_stop=should_stop, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                        banned_ids=self._banned, logits_processors=self.logits_processors, prompt_ids=input_ids)
         t_gen = time.perf_counter()
 
         answers = []
         for i in range(n):
-            raw = texts[i]
+            raw = result.texts[i]
             text = raw.strip()
             boxes = parse_boxes(text) if task == "ground" or "{<" in text else []
-            scores = box_scores(raw, ends[i], logps[i], boxes)
+            scores = box_scores(raw, result.token_ends[i], result.logprobs[i], boxes)
             answers.append(Answer(text=text, boxes=boxes, box_scores=scores, retrieved=[],
-                                  stopped_reason=reasons[i], prompt_question=asked))
-        n_tokens = sum(len(g) for g in generated)
+                                  stopped_reason=result.stopped_reasons[i], prompt_question=asked))
+        n_tokens = sum(len([t for t in seq if t not in self.eos_ids]) for seq in result.sequences)
         timing = {"prepare_s": t_prep - t0, "generate_s": t_gen - t_prep, "new_tokens": n_tokens,
                   "tokens_per_s": n_tokens / max(t_gen - t_prep, 1e-9)}
         if first_token_at:  # numbers only: the service rounds every timing value

@@ -7,19 +7,40 @@ knowledge folder, the same inner-product search the model was trained with.
 """
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from engine.grounding import GridBox, parse_boxes
+from engine.grounding import parse_boxes
 
-from .base import Answer, checkpoint_errors
+from .base import Answer, StopCheck, TokenCallback, checkpoint_errors
+from .decoding import DecodeResult, box_scores, decode
 
 LEVELS = ("object", "region", "scene")
+
+
+def generate(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+             question_embeds: torch.Tensor | None = None, *, max_new_tokens: int = 64, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, stop_strings: Sequence[str] = (), tokenizer=None,
+             on_token: TokenCallback | None = None, should_stop: StopCheck | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None, retriever=None, fast: bool = True,
+             int8: bool = False) -> DecodeResult:
+    """Answers for a batch of images and left-padded prompts (one ``<image>`` each), through the
+    shared decode loop; ``result.retrieved`` holds what the SAM fused (level -> (scores, ids))."""
+    from engine.model.generation import RsLvlmDecodeSteps
+
+    steps = RsLvlmDecodeSteps(model, pixel_values, input_ids, attention_mask, question_embeds,
+                              max_new_tokens=max_new_tokens, use_cache=use_cache, retriever=retriever,
+                              fast=fast, int8=int8)
+    result = decode(steps.prefill, steps.step, input_ids.shape[0], max_new_tokens=max_new_tokens,
+                    eos_ids=steps.eos_ids, pad_id=steps.pad_id, tokenizer=tokenizer, stop_strings=stop_strings,
+                    on_token=on_token, should_stop=should_stop, do_sample=do_sample, temperature=temperature,
+                    top_p=top_p, generator=generator)
+    result.retrieved = steps.retrieved
+    return result
 
 
 class RsLvlmPipeline:
@@ -94,7 +115,6 @@ class RsLvlmPipeline:
                on_token: Callable[[int, str], None] | None = None, should_stop: Callable[[], bool] | None = None,
                do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[Answer]:
         """Answer the same task/question for each image (several regions run as one batch)."""
-        from engine.model.generation import generate
         from engine.model.image_processing import preprocess_images
         from engine.model.prompts import build_prompt, default_question
 
@@ -124,7 +144,7 @@ class RsLvlmPipeline:
         for i, text in enumerate(result.texts):
             text = text.strip()
             boxes = parse_boxes(text) if task == "ground" or "{<" in text else []
-            scores = self._box_scores(result.sequences[i], result.logprobs[i], boxes)
+            scores = box_scores(result.texts[i], result.token_ends[i], result.logprobs[i], boxes)
             answers.append(Answer(text=text, boxes=boxes, box_scores=scores,
                                   retrieved=self._retrieved_for(result.retrieved, i), stopped_reason=result.stopped_reason,
                                   prompt_question=asked))
@@ -152,29 +172,3 @@ class RsLvlmPipeline:
                 out.append({"level": level, "entry": entry.name, "id": entry.id, "kind": entry.kind,
                             "definition": entry.definition, "score": round(float(score), 4)})
         return out
-
-    def _box_scores(self, generated: list[int], logp: list[float], boxes: list[GridBox]) -> list[float]:
-        """Confidence of each box: the geometric mean probability of the tokens that wrote it.
-
-        Generation records each token's log-probability as it picks it (no second pass); the
-        tokens are then matched to each box's ``{...}`` span in the decoded text.
-        """
-        if not boxes or not generated:
-            return [0.0] * len(boxes)
-        # Character span of each generated token in the decoded text.
-        spans, text = [], ""
-        for t in generated:
-            start = len(text)
-            text = self.tokenizer.decode(generated[:len(spans) + 1], skip_special_tokens=True)
-            spans.append((start, len(text)))
-        scores, search_from = [], 0
-        for _ in boxes:
-            start = text.find("{", search_from)
-            end = text.find("}", start + 1) if start >= 0 else -1
-            if start < 0 or end < 0:
-                scores.append(0.0)
-                continue
-            search_from = end + 1
-            picked = [lp for (a, b), lp in zip(spans, logp) if a < end + 1 and b > start]
-            scores.append(math.exp(sum(picked) / len(picked)) if picked else 0.0)
-        return scores

@@ -1,7 +1,7 @@
 """The RS-LVLM model: multi-level vision, Semantic Augmentation (retrieval), level projectors,
-semantic-aware experts in a Llama-family decoder; tokenizer, prompts, generation, checkpoints.
+semantic-aware experts in a Llama-family decoder; tokenizer, prompts, decode steps, checkpoints.
 
-Imports are lazy (``from engine.model import generate`` loads torch only then), so that pure
+Imports are lazy (``from engine.model import RsLvlmForConditionalGeneration`` loads torch only then), so that pure
 helpers such as :mod:`engine.grounding` stay cheap to import.
 """
 from __future__ import annotations
@@ -26,8 +26,7 @@ _EXPORTS = {
     "encode_prompt": "prompts",
     "encode_example": "prompts",
     "pad_batch": "prompts",
-    "generate": "generation",
-    "GenerationResult": "generation",
+    "RsLvlmDecodeSteps": "generation",
     "save_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
     "LoadedModel": "checkpoint",

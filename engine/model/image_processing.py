@@ -17,9 +17,11 @@ import torch.nn.functional as F
 
 from .config import RsLvlmConfig
 
-__all__ = ["preprocess_images", "to_rgb_uint8"]
+__all__ = ["preprocess_images", "to_rgb_uint8", "CLIP_MEAN", "CLIP_STD"]
 
 _DEFAULTS = RsLvlmConfig()
+CLIP_MEAN: tuple[float, ...] = tuple(_DEFAULTS.image_mean)
+CLIP_STD: tuple[float, ...] = tuple(_DEFAULTS.image_std)
 
 
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
@@ -45,8 +47,13 @@ def preprocess_images(
     image_size: int,
     mean: Sequence[float] = _DEFAULTS.image_mean,
     std: Sequence[float] = _DEFAULTS.image_std,
+    rescale: float = 1 / 255,
 ) -> torch.Tensor:
-    """List of HxWx3 uint8 images (any sizes) -> (B, 3, image_size, image_size) float32."""
+    """List of HxWx3 uint8 images (any sizes) -> (B, 3, image_size, image_size) float32.
+
+    ``rescale`` maps 0..255 to the range the mean/std apply to (a LLaVA folder's
+    ``preprocessor_config.json`` may give its own).
+    """
     if len(images) == 0:
         raise ValueError("no images to preprocess")
     mean_t = torch.tensor(mean, dtype=torch.float32)[:, None, None]
@@ -56,8 +63,8 @@ def preprocess_images(
         arr = to_rgb_uint8(image)
         if arr.shape[0] == 0 or arr.shape[1] == 0:
             raise ValueError(f"empty image of shape {arr.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()[None] / 255.0  # (1,3,H,W)
+        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()[None] * rescale  # (1,3,H,W)
         if x.shape[-2:] != (image_size, image_size):
             x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
-        batch.append(((x[0].clamp(0.0, 1.0) - mean_t) / std_t))
+        batch.append(((x[0].clamp(0.0, 255.0 * rescale) - mean_t) / std_t))
     return torch.stack(batch)

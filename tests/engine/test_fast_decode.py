@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from engine.model.fast_decode import FusedDecoder
-from engine.model.generation import generate
+from engine.backends.rs_lvlm import generate
 from model_helpers import prompt_batch, small_model
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.model.generation import generate
+from engine.backends.rs_lvlm import generate
 from engine.model.tokenizer import build_tokenizer
 from model_helpers import prompt_batch, small_model
 
