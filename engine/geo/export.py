@@ -39,6 +39,12 @@ Format notes
   is created (later, longer answers could still not fit) and makes the attribute table unreadable;
   the truncated field still shows the start of the answer in any GIS.  Keep the sidecar with the
   ``.shp``/``.dbf``/``.prj``/``.cpg`` files.  Text is written as UTF-8 (``.cpg``).
+* **Concurrent writers:** every write (the existing-layer check, the append and the Shapefile
+  sidecar together) holds an exclusive lock on a hidden ``.<name>.lock`` file beside the output
+  (:mod:`filelock`: ``flock`` on Unix, ``msvcrt`` locking on Windows), so two engines or two
+  threads appending to one file never lose, duplicate or fail a feature: without it, both could
+  see "no layer yet" and create it twice, or append while the other rewrites.  A writer waits
+  up to :data:`LOCK_TIMEOUT_S` for the lock, then fails with ``export_failed``.
 * **GeoJSON CRS:** RFC 7946 says GeoJSON coordinates are WGS 84 longitude/latitude
   (EPSG:4326).  We nevertheless write in the CRS asked for, as GDAL does by default, with a
   ``crs`` member naming it when it is not EPSG:4326, so no reprojection error is introduced; pass
@@ -55,6 +61,8 @@ from typing import Any, Iterable
 
 import fiona
 import shapely
+from filelock import FileLock, Timeout
+from fiona._err import CPLE_BaseError  # GDAL errors fiona raises as they are (not FionaError)
 from fiona.errors import FionaError
 from shapely.geometry import MultiLineString, MultiPoint, MultiPolygon, mapping, shape
 from shapely.geometry.base import BaseGeometry
@@ -62,7 +70,7 @@ from shapely.geometry.base import BaseGeometry
 from engine.errors import EXPORT_FAILED, EngineError
 from engine.geo.georef import parse_crs, transform_geometry
 
-__all__ = ["FIELDS", "write_features", "read_features", "sidecar_path"]
+__all__ = ["FIELDS", "write_features", "read_features", "sidecar_path", "lock_path"]
 
 FIELDS: dict[str, str] = {
     "uid": "str", "task": "str", "question": "str", "answer": "str", "label": "str",
@@ -72,6 +80,8 @@ FIELDS: dict[str, str] = {
 
 DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 SHP_MAX_BYTES = 254
+LOCK_TIMEOUT_S = 120.0
+"""How long a writer waits for another one to finish with the same file."""
 _ELLIPSIS = "…"
 _MULTI = {"Polygon": MultiPolygon, "Point": MultiPoint, "LineString": MultiLineString}
 
@@ -82,12 +92,19 @@ def sidecar_path(shp: str | Path) -> Path:
     return shp.with_name(shp.stem + ".answers.jsonl")
 
 
+def lock_path(path: str | Path) -> Path:
+    """The lock file every writer of ``path`` holds: ``.<name>.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
 def write_features(path: str | Path, records: list[dict], crs: str, layer: str = "answers",
                    append: bool = True) -> Path:
     """Write ``records`` (see the module docstring) to ``path`` in ``crs``; returns the path.
 
-    Raises ``EngineError(EXPORT_FAILED)`` for an unknown extension, unreadable WKT or a write
-    that GDAL refuses, ``EngineError(UNKNOWN_CRS)`` for a bad ``crs``.
+    Holds the file's lock for the whole check-and-write (see "Concurrent writers" above).
+    Raises ``EngineError(EXPORT_FAILED)`` for an unknown extension, unreadable WKT, a write
+    that GDAL refuses or a lock not obtained in time, ``EngineError(UNKNOWN_CRS)`` for a bad ``crs``.
     """
     path = Path(path).expanduser()
     driver = DRIVERS.get(path.suffix.lower())
@@ -96,55 +113,65 @@ def write_features(path: str | Path, records: list[dict], crs: str, layer: str =
     src_crs = parse_crs(crs, "crs")
     geoms = [_geometry(r) for r in records]
     props = [_properties(r) for r in records]
-    shp = driver == "ESRI Shapefile"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        existing = _existing_layer(path, driver, layer) if append else None
-        if existing is None:
-            if not append or driver != "GPKG":
-                _remove(path, driver)
-            gtype = _geometry_type(geoms)
-            crs_wkt = src_crs.to_wkt()
-            mode, schema = "w", {"geometry": gtype,
-                                 "properties": {k: ("str:254" if shp and v == "str" else v)
-                                                for k, v in FIELDS.items()}}
-        else:
-            mode, schema, crs_wkt = "a", existing[0], existing[1]
-            missing = [k for k in FIELDS if k not in schema["properties"]]
-            if missing:
-                raise EngineError(EXPORT_FAILED, f"cannot append to {path.name}: its layer lacks "
-                                                 f"the fields {missing}; write to a new layer or file")
-            layer_crs = parse_crs(crs_wkt, "layer CRS")
-            if layer_crs != src_crs:
-                geoms = [transform_geometry(g, src_crs, layer_crs) if g is not None else None
-                         for g in geoms]
-            gtype = schema["geometry"]
-        feats, long_texts = [], []
-        for g, p in zip(geoms, props):
-            if shp:
-                p, full = _fit_dbase(p)
-                if full:
-                    long_texts.append({"uid": p["uid"], **full})
-            p = {k: p.get(k) for k in schema["properties"]}
-            feats.append({"geometry": _match_type(g, gtype, path), "properties": p})
-        kwargs: dict[str, Any] = {"driver": driver}
-        if driver == "GPKG":
-            kwargs["layer"] = layer
-        if mode == "w":
-            kwargs.update(schema=schema, crs_wkt=crs_wkt)
-            if shp:
-                kwargs["encoding"] = "utf-8"
-        with fiona.open(path, mode, **kwargs) as dst:
-            dst.writerecords(feats)
-        if long_texts:
-            with open(sidecar_path(path), "a", encoding="utf-8") as f:
-                for line in long_texts:
-                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        with FileLock(str(lock_path(path)), timeout=LOCK_TIMEOUT_S):
+            _write_locked(path, driver, layer, append, src_crs, geoms, props)
+    except Timeout:
+        raise EngineError(EXPORT_FAILED, f"could not write {path}: another writer held it for more than "
+                                         f"{LOCK_TIMEOUT_S:.0f} s") from None
     except EngineError:
         raise
-    except (FionaError, OSError, ValueError, KeyError, TypeError) as exc:
+    except (FionaError, CPLE_BaseError, OSError, ValueError, KeyError, TypeError) as exc:
         raise EngineError(EXPORT_FAILED, f"could not write {path}: {exc}") from None
     return path
+
+
+def _write_locked(path: Path, driver: str, layer: str, append: bool, src_crs: Any,
+                  geoms: list[BaseGeometry | None], props: list[dict]) -> None:
+    """The check-and-write itself; the caller holds the file's lock."""
+    shp = driver == "ESRI Shapefile"
+    existing = _existing_layer(path, driver, layer) if append else None
+    if existing is None:
+        if not append or driver != "GPKG":
+            _remove(path, driver)
+        gtype = _geometry_type(geoms)
+        crs_wkt = src_crs.to_wkt()
+        mode, schema = "w", {"geometry": gtype,
+                             "properties": {k: ("str:254" if shp and v == "str" else v)
+                                            for k, v in FIELDS.items()}}
+    else:
+        mode, schema, crs_wkt = "a", existing[0], existing[1]
+        missing = [k for k in FIELDS if k not in schema["properties"]]
+        if missing:
+            raise EngineError(EXPORT_FAILED, f"cannot append to {path.name}: its layer lacks "
+                                             f"the fields {missing}; write to a new layer or file")
+        layer_crs = parse_crs(crs_wkt, "layer CRS")
+        if layer_crs != src_crs:
+            geoms = [transform_geometry(g, src_crs, layer_crs) if g is not None else None
+                     for g in geoms]
+        gtype = schema["geometry"]
+    feats, long_texts = [], []
+    for g, p in zip(geoms, props):
+        if shp:
+            p, full = _fit_dbase(p)
+            if full:
+                long_texts.append({"uid": p["uid"], **full})
+        p = {k: p.get(k) for k in schema["properties"]}
+        feats.append({"geometry": _match_type(g, gtype, path), "properties": p})
+    kwargs: dict[str, Any] = {"driver": driver}
+    if driver == "GPKG":
+        kwargs["layer"] = layer
+    if mode == "w":
+        kwargs.update(schema=schema, crs_wkt=crs_wkt)
+        if shp:
+            kwargs["encoding"] = "utf-8"
+    with fiona.open(path, mode, **kwargs) as dst:
+        dst.writerecords(feats)
+    if long_texts:
+        with open(sidecar_path(path), "a", encoding="utf-8") as f:
+            for line in long_texts:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
 def read_features(path: str | Path, layer: str | None = "answers") -> list[dict]:
