@@ -24,31 +24,17 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _add_ask(sub: argparse._SubParsersAction) -> None:
+    from .protocol.schema import ASK_FIELDS, add_arguments
+
     p = sub.add_parser("ask", help="answer one question about a raster region; prints the result JSON")
-    p.add_argument("--raster", required=True, help="GeoTIFF / COG / VRT or any GDAL raster")
-    p.add_argument("--bbox", nargs=4, type=float, metavar=("XMIN", "YMIN", "XMAX", "YMAX"))
-    p.add_argument("--bbox-crs", help="CRS of --bbox / --region-wkt (default: the raster's)")
-    p.add_argument("--region-wkt", help="a polygon region instead of --bbox")
-    p.add_argument("--task", default="caption", help="caption | vqa | ground | classify")
-    p.add_argument("--question")
-    p.add_argument("--out", help="write results to FILE.gpkg | .shp | .geojson")
-    p.add_argument("--out-crs", help="CRS of the output polygons (default: the raster's)")
-    p.add_argument("--model", help="checkpoint folder (default: the embedded model)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16", "int8"),
-                   help="auto: float32 on CPU, bfloat16 on CUDA; int8: int8 decoding on CPU (faster, see docs)")
-    p.add_argument("--bands", type=int, nargs="+", help="1-based bands to use as R G B")
+    add_arguments(p, ASK_FIELDS)
 
 
 def _run_ask(args: argparse.Namespace) -> int:
+    from .protocol.schema import ASK_FIELDS, params_from_args
     from .service import EngineService
 
-    params = {"raster": args.raster, "bbox": args.bbox, "bbox_crs": args.bbox_crs, "region_wkt": args.region_wkt,
-              "region_crs": args.bbox_crs, "task": args.task, "question": args.question, "out": args.out,
-              "out_crs": args.out_crs, "model": args.model, "device": args.device, "max_tokens": args.max_tokens,
-              "bands": args.bands, "precision": args.precision}
-    result = EngineService().ask({k: v for k, v in params.items() if v is not None})
+    result = EngineService().ask(params_from_args(args, ASK_FIELDS))
     print(json.dumps(result, ensure_ascii=False))
     return 0
 
@@ -58,8 +44,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .service import EngineService
 
     service = EngineService(default_model=args.model, default_device=args.device)
-    handlers = {"info": service.info, "ask": service.ask, "ping": lambda params, ctx: {"pong": True},
-                "cancel": lambda params, ctx: {}, "shutdown": lambda params, ctx: {}}
+    handlers = {"info": service.info, "ask": service.ask}     # ping, cancel, shutdown: the server's own
     return ProtocolServer(handlers).serve_forever()
 
 

@@ -226,3 +226,41 @@ def box_corners(x1: float, y1: float, x2: float, y2: float, angle: float = 0.0
     t = math.radians(angle or 0.0)
     c, s = math.cos(t), math.sin(t)
     return [(cx + dx * c - dy * s, cy + dx * s + dy * c) for dx, dy in ((-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh))]
+
+
+def _plural(noun: str) -> str:
+    """English plural of the last word of a label (enough for object class names)."""
+    words = noun.split()
+    if not words:
+        return noun
+    last = words[-1]
+    if last.endswith(("s", "x", "ch", "sh")):
+        last += "es"
+    elif last.endswith("y") and len(last) > 1 and last[-2] not in "aeiou":
+        last = last[:-1] + "ies"
+    else:
+        last += "s"
+    return " ".join(words[:-1] + [last])
+
+
+def readable_text(raw: str) -> str:
+    """What a person reads for a model answer: box syntax replaced by counts.
+
+    ``"airplane {<29><18><45><31>|0}{<50><50><60><60>|0}"`` reads ``"2 airplanes"``; box syntax
+    inside a sentence is taken out, the sentence kept.  The boxes themselves travel separately
+    (the result's ``boxes``), and the raw text in its own field.
+    """
+    if not isinstance(raw, str) or not raw:
+        return ""
+    boxes = parse_boxes(raw)
+    stripped = " ".join(_BOX_RE.sub(" ", raw).split())
+    remainder = stripped
+    counts: dict[str, int] = {}
+    for box in boxes:
+        counts[box.label or "object"] = counts.get(box.label or "object", 0) + 1
+        if box.label:
+            remainder = remainder.replace(box.label, " ", 1)
+    if boxes and not remainder.strip(" ,;.:-"):
+        return ", ".join(f"{n} {label if n == 1 else _plural(label)}" for label, n in counts.items())
+    text = stripped.replace(" ,", ",").replace(" .", ".")
+    return text.strip(" ,;") if boxes else raw.strip()

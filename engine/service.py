@@ -10,23 +10,21 @@ import json
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import __version__
-from .errors import BAD_REQUEST, NO_MODEL, EngineError
+from .errors import BAD_REQUEST, EMPTY_REGION, NO_MODEL, EngineError
 from .paths import DEFAULT_MODEL_DIR
+from .protocol.schema import AskParams
+from .tasks import canonical_precision
 
 log = logging.getLogger("engine.service")
 
-TASKS = ("caption", "vqa", "ground", "classify")
-PRECISIONS = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-              "float16": "float16", "fp16": "float16", "int8": "int8"}
-TASK_ALIASES = {"ask": "vqa", "question": "vqa", "grounding": "ground", "detect": "ground", "classification": "classify"}
 DEFAULT_IMAGE_SIZE = 128
-DEFAULT_MAX_TOKENS = 64
+TINY_REGION_PIXELS = 4
+"""A region narrower than this many source pixels is refused: nothing there to answer about."""
 
 
 class Context(Protocol):
@@ -52,70 +50,6 @@ class SilentContext:
 
     def check_cancelled(self) -> None:
         pass
-
-
-@dataclass
-class AskParams:
-    """Validated ``ask`` parameters; mirrors the CLI flags (see DESIGN.md's contract)."""
-
-    raster: str
-    task: str
-    bbox: tuple[float, float, float, float] | None = None
-    bbox_crs: str | None = None
-    region_wkt: str | None = None
-    region_crs: str | None = None
-    question: str | None = None
-    out: str | None = None
-    out_crs: str | None = None
-    model: str | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    bands: list[int] | None = None
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, params: dict) -> "AskParams":
-        def text(name: str, required: bool = False) -> str | None:
-            value = params.get(name)
-            if value is None or value == "":
-                if required:
-                    raise EngineError(BAD_REQUEST, f"missing parameter {name!r}")
-                return None
-            if not isinstance(value, str):
-                raise EngineError(BAD_REQUEST, f"parameter {name!r} must be a string")
-            return value
-
-        raster = text("raster", required=True)
-        task = (text("task") or "caption").lower()
-        task = TASK_ALIASES.get(task, task)
-        if task not in TASKS:
-            raise EngineError(BAD_REQUEST, f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-        bbox = params.get("bbox")
-        if bbox is not None:
-            if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
-                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-                raise EngineError(BAD_REQUEST, "bbox must be a list of 4 numbers [xmin, ymin, xmax, ymax]")
-            bbox = tuple(float(v) for v in bbox)
-        region_wkt = text("region_wkt")
-        if bbox is not None and region_wkt is not None:
-            raise EngineError(BAD_REQUEST, "give either bbox or region_wkt, not both")
-        question = text("question")
-        if task == "vqa" and not (question and question.strip()):
-            raise EngineError(BAD_REQUEST, "the vqa task needs a question")
-        max_tokens = params.get("max_tokens", DEFAULT_MAX_TOKENS)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= 4096:
-            raise EngineError(BAD_REQUEST, "max_tokens must be an integer between 1 and 4096")
-        bands = params.get("bands")
-        if bands is not None and (not isinstance(bands, list) or not all(isinstance(b, int) for b in bands)):
-            raise EngineError(BAD_REQUEST, "bands must be a list of 1-based band numbers")
-        device = text("device") or "auto"
-        precision = (text("precision") or "auto").lower()
-        if precision not in PRECISIONS:
-            raise EngineError(BAD_REQUEST, f"unknown precision {precision!r}; choose auto, float32, bfloat16, float16 or int8")
-        return cls(precision=precision, raster=raster, task=task, bbox=bbox, bbox_crs=text("bbox_crs"), region_wkt=region_wkt,
-                   region_crs=text("region_crs") or text("bbox_crs"), question=question, out=text("out"),
-                   out_crs=text("out_crs"), model=text("model"), device=device, max_tokens=max_tokens, bands=bands)
 
 
 def model_image_size(model_dir: Path) -> int:
@@ -163,7 +97,7 @@ class EngineService:
         model_dir = Path(model) if model else self.default_model
         require_model_dir(model_dir)
         resolved = resolve_device(device or self.default_device)
-        dtype = PRECISIONS.get(precision or "auto")
+        dtype = {"auto": None}.get(canonical_precision(precision), canonical_precision(precision))
         int8 = dtype == "int8"
         if int8:
             # Checked before loading anything: a refused request keeps the loaded model.
@@ -182,8 +116,8 @@ class EngineService:
             self._pipeline = load_pipeline(model_dir, device=resolved, **({"dtype": dtype} if dtype else {}))
             self._pipeline_key = key
             log.info("model %s loaded on %s in %.2f s", model_dir, resolved, time.perf_counter() - t0)
-        if hasattr(self._pipeline, "int8_decode"):
-            self._pipeline.int8_decode = int8
+        if int8 or getattr(self._pipeline, "int8_decode", False):
+            self._pipeline.int8_decode = int8    # only the embedded family has it (checked above)
         return self._pipeline
 
     # -- handlers ---------------------------------------------------------------------------
@@ -219,9 +153,9 @@ class EngineService:
 
     def ask(self, params: dict, context: Context | None = None) -> dict:
         """Read the region, answer with the model, georeference boxes, optionally export."""
-        from .geo.georef import crs_to_string, grid_boxes_to_polygons, region_polygon
+        from .geo.georef import chip_box_to_raster_pixels, crs_to_string, grid_boxes_to_polygons, region_polygon
         from .geo.window import read_chip
-        from .grounding import grid_to_pixels
+        from .grounding import grid_to_pixels, readable_text
 
         ctx = context or SilentContext()
         p = AskParams.from_dict(params)
@@ -233,6 +167,7 @@ class EngineService:
         ctx.progress(0, total_steps, "reading the raster window")
         chip = read_chip(p.raster, bbox=p.bbox, bbox_crs=p.bbox_crs, region_wkt=p.region_wkt,
                          region_crs=p.region_crs, size=model_image_size(model_dir), bands=p.bands)
+        refuse_tiny_region(chip)
         timing["window_s"] = time.perf_counter() - t0
         ctx.check_cancelled()
 
@@ -244,28 +179,40 @@ class EngineService:
 
         ctx.progress(2, total_steps, "answering")
         t2 = time.perf_counter()
+        options = {"history": p.history} if p.history else {}
         answer = pipeline.answer([chip.image], p.task, p.question, max_new_tokens=p.max_tokens,
-                                 on_token=lambda _i, piece: ctx.token(piece), should_stop=ctx.should_stop)[0]
+                                 on_token=lambda _i, piece: ctx.token(piece), should_stop=ctx.should_stop,
+                                 **options)[0]
         timing.update({f"model_{k}": v for k, v in answer.timing.items()})
         timing["answer_s"] = time.perf_counter() - t2
         ctx.check_cancelled()
 
-        out_crs = p.out_crs
-        crs_text = crs_to_string(chip.crs) if out_crs is None else out_crs
-        polygons = grid_boxes_to_polygons(answer.boxes, chip, out_crs=out_crs)
+        warnings = list(chip.warnings)
+        if chip.crs is None:
+            if p.out_crs is not None:
+                raise EngineError(BAD_REQUEST, "the raster has no CRS, so out_crs cannot be applied")
+            crs_text = None
+            warnings.append("the raster has no CRS: wkt and extent are in the raster's pixel coordinates")
+        else:
+            crs_text = crs_to_string(chip.crs) if p.out_crs is None else p.out_crs
+        polygons = grid_boxes_to_polygons(answer.boxes, chip, out_crs=p.out_crs)
         height, width = chip.image.shape[:2]
         boxes = []
         for box, score, polygon in zip(answer.boxes, answer.box_scores, polygons):
+            chip_pixels = grid_to_pixels(box, width, height)
             boxes.append({"label": box.label or "object", "score": round(float(score), 4),
                           "bbox_grid": [box.x1, box.y1, box.x2, box.y2, box.angle],
-                          "bbox_pixel": [round(v, 2) for v in grid_to_pixels(box, width, height)],
+                          "bbox_chip": [round(v, 2) for v in chip_pixels],
+                          "bbox_pixel": [round(v, 2) for v in chip_box_to_raster_pixels(chip_pixels, chip)],
                           "wkt": polygon.wkt})
-        extent = region_polygon(chip, out_crs=out_crs)
-        result = {"task": p.task, "question": p.question or answer.prompt_question, "text": answer.text,
+        extent = region_polygon(chip, out_crs=p.out_crs)
+        result = {"task": p.task, "question": p.question or answer.prompt_question,
+                  "text": readable_text(answer.text), "raw": answer.text,
                   "boxes": boxes, "crs": crs_text,
                   "extent": {"wkt": extent.wkt, "bounds": list(extent.bounds)},
                   "retrieved": answer.retrieved, "model": pipeline.name, "device": pipeline.device,
-                  "stopped": answer.stopped_reason, "warnings": list(chip.warnings),
+                  "stopped": answer.stopped_reason, "warnings": warnings, "raster": p.raster,
+                  "history_turns": len(p.history or []),
                   "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if p.out:
             ctx.progress(3, total_steps, f"writing {p.out}")
@@ -274,6 +221,17 @@ class EngineService:
         result["timing"] = {k: round(v, 4) for k, v in timing.items() if isinstance(v, (int, float))}
         ctx.progress(total_steps, total_steps, "done")
         return result
+
+
+def refuse_tiny_region(chip: Any) -> None:
+    """A region a few source pixels wide has nothing in it the model could answer about."""
+    window = getattr(chip, "source_window", None)
+    if window is None:
+        return
+    if min(window.width, window.height) < TINY_REGION_PIXELS:
+        raise EngineError(EMPTY_REGION, (
+            f"the region covers only {int(window.width)}x{int(window.height)} source pixels of the raster, far "
+            f"below the model's scale (it reads {getattr(chip, 'image', None).shape[1]} px chips); draw a larger region"))
 
 
 def export_result(result: dict, out: str) -> list[Path]:
@@ -285,7 +243,7 @@ def export_result(result: dict, out: str) -> list[Path]:
     from .geo.export import write_features
 
     common = {"task": result["task"], "question": result["question"] or "", "model": result["model"],
-              "created": result["created"]}
+              "created": result["created"], "raw": result.get("raw", ""), "raster": result.get("raster", "")}
     answers = [{"wkt": result["extent"]["wkt"], "answer": result["text"], "label": result["task"],
                 "score": 1.0, **common}]
     detections = [{"wkt": b["wkt"], "answer": result["text"], "label": b["label"], "score": b["score"], **common}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from engine.grounding import parse_boxes
+from engine.tasks import split_task_token
 
 from .base import Answer, StopCheck, TokenCallback, checkpoint_errors
 from .decoding import DecodeResult, box_scores, decode
@@ -113,14 +114,16 @@ class RsLvlmPipeline:
     @torch.inference_mode()
     def answer(self, images: list[np.ndarray], task: str, question: str | None, *, max_new_tokens: int = 64,
                on_token: Callable[[int, str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[Answer]:
-        """Answer the same task/question for each image (several regions run as one batch)."""
+               do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+               history: list[dict] | None = None) -> list[Answer]:
+        """Answer the same task/question for each image (several regions run as one batch);
+        ``history`` holds earlier ``{"question", "answer"}`` turns on the same region."""
         from engine.model.image_processing import preprocess_images
         from engine.model.prompts import build_prompt, default_question
 
         t0 = time.perf_counter()
-        asked = question if question else default_question(task)
-        prompt = build_prompt(task, question)
+        asked = split_task_token(question)[1] or default_question(task)
+        prompt = build_prompt(task, question, history)
         pixel_values = preprocess_images(images, self.image_size).to(self.device)
         dtype = next(self.model.parameters()).dtype
         pixel_values = pixel_values.to(dtype)

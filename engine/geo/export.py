@@ -72,11 +72,14 @@ from engine.geo.georef import parse_crs, transform_geometry
 
 __all__ = ["FIELDS", "write_features", "read_features", "sidecar_path", "lock_path"]
 
-FIELDS: dict[str, str] = {
+CORE_FIELDS: dict[str, str] = {
     "uid": "str", "task": "str", "question": "str", "answer": "str", "label": "str",
     "score": "float", "model": "str", "created": "str",
 }
-"""The attribute schema (name -> fiona type), identical in every format."""
+FIELDS: dict[str, str] = {**CORE_FIELDS, "raw": "str", "raster": "str"}
+"""The attribute schema (name -> fiona type), identical in every format.  ``answer`` is the
+readable text, ``raw`` the model's own output (box syntax included), ``raster`` the source.
+Files written before ``raw``/``raster`` existed are appended to with the core fields only."""
 
 DRIVERS = {".gpkg": "GPKG", ".shp": "ESRI Shapefile", ".geojson": "GeoJSON", ".json": "GeoJSON"}
 SHP_MAX_BYTES = 254
@@ -142,7 +145,7 @@ def _write_locked(path: Path, driver: str, layer: str, append: bool, src_crs: An
                                             for k, v in FIELDS.items()}}
     else:
         mode, schema, crs_wkt = "a", existing[0], existing[1]
-        missing = [k for k in FIELDS if k not in schema["properties"]]
+        missing = [k for k in CORE_FIELDS if k not in schema["properties"]]
         if missing:
             raise EngineError(EXPORT_FAILED, f"cannot append to {path.name}: its layer lacks "
                                              f"the fields {missing}; write to a new layer or file")

@@ -25,24 +25,34 @@ TASKS = TASK_TOKENS
 """Task name -> task token (:mod:`engine.tasks` is their home)."""
 
 
-def build_prompt(task: str, question: str | None = None) -> str:
+def build_prompt(task: str, question: str | None = None, history: Sequence[dict] | None = None) -> str:
     """``"<image>\\n[task] question\\n"``; an empty question takes the task's default.
 
     A question that already starts with a task token ("[grounding] airplanes") gets no second
-    one: the token is the task's, written once.
+    one: the token is the task's, written once.  ``history`` (earlier ``{"question", "answer"}``
+    turns on the same image) is written before the question as ``[vqa] q\\na\\n`` per turn, so a
+    follow-up ("and how many are white?") sees what it follows.
     """
     if task not in TASK_TOKENS:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_TOKENS)}")
     _, question = split_task_token(question)
-    question = question or default_question(task)
-    if "<image>" in question:
-        question = question.replace("<image>", "image")   # exactly one <image> per prompt
-    return f"<image>\n{TASK_TOKENS[task]} {question}\n"
+    question = _no_image_token(question or default_question(task))
+    turns = ""
+    for turn in history or ():
+        _, earlier = split_task_token(str(turn.get("question", "")))
+        answer = " ".join(str(turn.get("answer", "")).split())
+        turns += f"{TASK_TOKENS['vqa']} {_no_image_token(earlier)}\n{_no_image_token(answer)}\n"
+    return f"<image>\n{turns}{TASK_TOKENS[task]} {question}\n"
 
 
-def encode_prompt(tokenizer, task: str, question: str | None = None) -> list[int]:
+def _no_image_token(text: str) -> str:
+    """Exactly one ``<image>`` per prompt: the one the prompt puts there."""
+    return text.replace("<image>", "image")
+
+
+def encode_prompt(tokenizer, task: str, question: str | None = None, history: Sequence[dict] | None = None) -> list[int]:
     """Token ids of ``<s>`` + prompt: what generation starts from."""
-    return [tokenizer.bos_token_id] + tokenizer.encode(build_prompt(task, question), add_special_tokens=False)
+    return [tokenizer.bos_token_id] + tokenizer.encode(build_prompt(task, question, history), add_special_tokens=False)
 
 
 def encode_example(tokenizer, task: str, question: str | None, answer: str) -> tuple[list[int], list[int]]:

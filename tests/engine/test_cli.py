@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import EngineError
-from engine.service import AskParams, EngineService
+from engine.protocol.schema import AskParams
+from engine.service import EngineService
 
 sys.path.insert(0, str(Path(__file__).parent))
 from geo_rasters import write_raster  # noqa: E402

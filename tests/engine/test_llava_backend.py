@@ -188,7 +188,8 @@ def test_grounding_answer_becomes_georeferenced_polygons(tiny_llava, tmp_path):
 
     result = service.ask({"raster": str(raster.path), "bbox": [left, bottom, right, top], "task": "ground",
                           "model": str(tiny_llava), "device": "cpu", "max_tokens": 64}, Ctx())
-    assert result["text"] == "airplane {<10><20><30><40>|0}" and "".join(tokens) == result["text"]
+    assert result["raw"] == "airplane {<10><20><30><40>|0}" and "".join(tokens) == result["raw"]
+    assert result["text"] == "1 airplane"                  # what a person reads: no box syntax
     assert result["retrieved"] == [] and result["crs"] == "EPSG:32633" and result["stopped"] == "eos"
     (box,) = result["boxes"]
     assert box["label"] == "airplane" and 0.0 < box["score"] < 1.0     # the random model's own probability
