@@ -1,8 +1,10 @@
 """The RS-LVLM dock panel: choose raster, region and task, ask, watch the answer stream in.
 
-The dock only wires widgets together; the work lives elsewhere: :mod:`region` checks the input
-and builds the request, :mod:`engine_client` talks to the engine process, :mod:`result_layers`
-turns answers into map layers and :mod:`export` writes them out.  Every failure the analyst can
+The dock only wires widgets together; the work lives elsewhere: :mod:`region` checks the input,
+:mod:`protocol` builds the request (task ids, follow-up ``history``), :mod:`engine_client` talks
+to the engine process, :mod:`answer_text` makes answers readable, :mod:`result_layers` turns
+them into map layers, :mod:`results_panel` shows warnings, boxes and the answer history, and
+:mod:`export` writes layers out.  Every failure the analyst can
 cause ends as a sentence in ``statusLabel`` (and, for engine restarts, the message bar), never
 as a Python traceback dialog.  Object names of the contract widgets are fixed by the design
 (``RsLvlmDock``, ``layerCombo``, ``regionCombo``, ``taskCombo``, ``questionEdit``,
@@ -12,14 +14,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from qgis.core import Qgis, QgsMapLayerProxyModel, QgsMessageLog, QgsRectangle, QgsGeometry
+from qgis.core import (Qgis, QgsGeometry, QgsMapLayerProxyModel, QgsMessageLog, QgsProject,
+                       QgsRectangle)
 from qgis.gui import QgsMapLayerComboBox
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QTextCursor
 from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDockWidget,
-    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QHeaderView,
@@ -34,9 +36,12 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from . import export, region, result_layers, settings
+from . import answer_text, protocol, region, result_layers, settings
+from .conversation import Conversation, Turn, region_key
+from .export_bar import ExportBar
 from .engine_client import ENGINE_MISSING, SUPERSEDED, EngineClient, EngineRequest
-from .messages import PLACEHOLDERS, describe_engine, failure_text
+from .messages import describe_engine, failure_text, result_warnings
+from .results_panel import ResultsPanel
 from .map_tools import PolygonMapTool, RectangleMapTool, make_rubber_band, polygon_geometry_type
 
 LOG_TAG = "RS-LVLM"
@@ -76,6 +81,8 @@ class RsLvlmDock(QDockWidget):
         self.last_result: Optional[Dict[str, Any]] = None
         self.last_layers: Dict[str, Any] = {}
         self._meta: Dict[str, Any] = {}
+        self._stream = ""  # the raw tokens of the answer being generated
+        self.conversation = Conversation()
         self._previous_tool = None
         self.rect_tool = RectangleMapTool(self.canvas)
         self.rect_tool.rectangleDrawn.connect(self._on_rectangle)
@@ -109,14 +116,15 @@ class RsLvlmDock(QDockWidget):
         self.featureLayerCombo.setVisible(False)
         self.taskCombo = QComboBox(body)
         self.taskCombo.setObjectName("taskCombo")
-        for label, task in region.TASKS:
-            self.taskCombo.addItem(label, task)
+        for row in protocol.TASKS:  # people read the label, the engine gets the id
+            self.taskCombo.addItem(row.label, row.id)
         self.questionEdit = QComboBox(body)
         self.questionEdit.setObjectName("questionEdit")
         self.questionEdit.setEditable(True)
         self.questionEdit.setInsertPolicy(QComboBox.NoInsert)
         self.questionEdit.addItems(settings.question_history())
         self.questionEdit.setCurrentText("")
+        self.questionEdit.lineEdit().returnPressed.connect(self.ask)
         self.askButton = QPushButton("Ask", body)
         self.askButton.setObjectName("askButton")
         self.askButton.setDefault(True)
@@ -130,6 +138,7 @@ class RsLvlmDock(QDockWidget):
         self.progressBar.setObjectName("progressBar")
         self.progressBar.setRange(0, 1)
         self.progressBar.setValue(0)
+        self.progressBar.setTextVisible(False)  # idle: an empty bar, not "0 %"
         self.statusLabel = QLabel(body)
         self.statusLabel.setObjectName("statusLabel")
         self.statusLabel.setWordWrap(True)
@@ -146,15 +155,21 @@ class RsLvlmDock(QDockWidget):
         self.retrievedList.setHeaderLabels(["Level", "Knowledge entry", "Score"])
         self.retrievedList.setRootIsDecorated(False)
         self.retrievedList.setMaximumHeight(140)
+        self.retrievedList.setToolTip("Double-click an entry to open it in the knowledge base")
+        self.retrievedList.itemDoubleClicked.connect(self._open_knowledge_entry)
+        self.results = ResultsPanel(self.iface, body)
+        self.results.turnChosen.connect(self._on_turn_chosen)
+        self.results.newConversationButton.clicked.connect(self.new_conversation)
+        self.knowledgeButton = QToolButton(body)
+        self.knowledgeButton.setObjectName("knowledgeButton")
+        self.knowledgeButton.setText("Knowledge base…")
+        self.knowledgeButton.clicked.connect(lambda: self.open_knowledge())
         header = self.retrievedList.header()
         header.setStretchLastSection(False)
         header.setSectionResizeMode(0, QHeaderView.ResizeToContents)
         header.setSectionResizeMode(1, QHeaderView.Stretch)
         header.setSectionResizeMode(2, QHeaderView.ResizeToContents)
-        self.exportAnswersButton = QPushButton("Export answers…", body)
-        self.exportAnswersButton.setObjectName("exportAnswersButton")
-        self.exportDetectionsButton = QPushButton("Export detections…", body)
-        self.exportDetectionsButton.setObjectName("exportDetectionsButton")
+        self.exports = ExportBar(self, body)
         self.deviceLabel = QLabel("Engine: not started", body)
         self.deviceLabel.setObjectName("deviceLabel")
         self.deviceLabel.setWordWrap(True)
@@ -169,18 +184,17 @@ class RsLvlmDock(QDockWidget):
         form.addRow("Task", self.taskCombo)
         form.addRow("Question", self.questionEdit)
         buttons = QHBoxLayout()
-        for widget in (self.askButton, self.cancelButton, self.settingsButton):
+        for widget in (self.askButton, self.cancelButton, self.settingsButton,
+                       self.knowledgeButton):
             buttons.addWidget(widget)
-        exports = QHBoxLayout()
-        exports.addWidget(self.exportAnswersButton)
-        exports.addWidget(self.exportDetectionsButton)
         layout = QVBoxLayout(body)
         layout.addLayout(form)
         layout.addLayout(buttons)
         for widget in (self.progressBar, self.statusLabel, self.setupEngineButton,
-                       self.answerView, QLabel("Retrieved knowledge", body), self.retrievedList):
+                       self.answerView, self.results, QLabel("Retrieved knowledge", body),
+                       self.retrievedList):
             layout.addWidget(widget)
-        layout.addLayout(exports)
+        layout.addWidget(self.exports)
         layout.addWidget(self.deviceLabel)
 
         self.regionCombo.currentIndexChanged.connect(self._on_region_choice)
@@ -190,10 +204,10 @@ class RsLvlmDock(QDockWidget):
         self.cancelButton.clicked.connect(self.cancel)
         self.settingsButton.clicked.connect(self._open_settings)
         self.setupEngineButton.clicked.connect(self._open_setup)
-        self.exportAnswersButton.clicked.connect(lambda: self.export("answers"))
-        self.exportDetectionsButton.clicked.connect(lambda: self.export("detections"))
         self._on_region_choice()
         self._on_task()
+        QgsProject.instance().layersAdded.connect(self._avoid_own_feature_layer)
+        self._avoid_own_feature_layer()
 
     # ------------------------------------------------------------------ messages
     def show_message(self, text: str, level: int = Qgis.Info) -> None:
@@ -222,6 +236,19 @@ class RsLvlmDock(QDockWidget):
         self._show_region()
         if kind in (region.RECTANGLE, region.POLYGON) and self.region is None:
             self.start_drawing()
+
+    def _avoid_own_feature_layer(self, _layers: Any = None) -> None:
+        """The polygon-feature region should start on the analyst's data, not on the plugin's
+        own answers/detections (those stay choosable)."""
+        combo = self.featureLayerCombo
+        current = combo.currentLayer()
+        if current is None or not current.name().startswith(result_layers.GROUP_NAME + " "):
+            return
+        for i in range(combo.count()):
+            layer = combo.layer(i)
+            if layer is not None and not layer.name().startswith(result_layers.GROUP_NAME + " "):
+                combo.setLayer(layer)
+                return
 
     def start_drawing(self) -> None:
         """Activate the drawing tool for the chosen region kind."""
@@ -283,8 +310,9 @@ class RsLvlmDock(QDockWidget):
 
     # ------------------------------------------------------------------ asking
     def _on_task(self, _index: int = 0) -> None:
+        task_id = str(self.taskCombo.currentData())
         self.questionEdit.lineEdit().setPlaceholderText(
-            PLACEHOLDERS.get(str(self.taskCombo.currentData()), ""))
+            protocol.task(task_id).placeholder if task_id in protocol.TASK_IDS else "")
 
     def question(self) -> str:
         return self.questionEdit.currentText().strip()
@@ -302,19 +330,24 @@ class RsLvlmDock(QDockWidget):
             self.show_message(str(exc), Qgis.Warning)
             return None
         values = settings.load()
-        params = region.ask_params(raster_file, chosen, task, question, values.max_tokens,
-                                   values.model_dir, values.device, values.precision)
+        params = protocol.ask_params(raster_file, chosen, task, question, values.max_tokens,
+                                     values.model_dir, values.device, values.precision)
+        history = self.conversation.history(region_key(params))
+        if history:  # a follow-up on the same region carries the earlier turns
+            params["history"] = history
         if question:
-            history = settings.remember_question(question)
+            asked = settings.remember_question(question)
             self.questionEdit.blockSignals(True)
             self.questionEdit.clear()
-            self.questionEdit.addItems(history)
+            self.questionEdit.addItems(asked)
             self.questionEdit.setCurrentText(question)
             self.questionEdit.blockSignals(False)
-        self._meta = {"question": question, "task": self.taskCombo.currentText(),
-                      "fallback": fallback}
+        self._meta = {"question": question, "task": task, "fallback": fallback,
+                      "params": params, "raster": raster_file}
+        self._stream = ""
         self.answerView.clear()
         self.retrievedList.clear()
+        self.results.show_warnings([])
         self.progressBar.setRange(0, 0)  # busy until the engine reports progress
         self.cancelButton.setEnabled(True)
         self.setupEngineButton.setVisible(False)
@@ -336,6 +369,7 @@ class RsLvlmDock(QDockWidget):
         if req is not self.request:
             return
         if total > 0:
+            self.progressBar.setTextVisible(True)
             self.progressBar.setRange(0, total)
             self.progressBar.setValue(min(done, total))
         if message:
@@ -344,46 +378,77 @@ class RsLvlmDock(QDockWidget):
     def _on_token(self, req: EngineRequest, text: str) -> None:
         if req is not self.request:
             return
-        cursor = self.answerView.textCursor()
-        cursor.movePosition(QTextCursor.End)
-        cursor.insertText(text)
-        self.answerView.setTextCursor(cursor)
+        self._stream += text
+        shown = answer_text.strip_boxes(self._stream, streaming=True)
+        if shown != self.answerView.toPlainText():
+            self.answerView.setPlainText(shown)
+            self.answerView.moveCursor(QTextCursor.End)
 
     def _finish_ui(self) -> None:
         self.cancelButton.setEnabled(False)
         self.progressBar.setRange(0, 1)
         self.progressBar.setValue(0)
+        self.progressBar.setTextVisible(False)
 
     def _on_result(self, req: EngineRequest, result: Dict[str, Any]) -> None:
         if req is not self.request:
             return
         self._finish_ui()
-        self.progressBar.setValue(1)
         self.last_result = result
-        self.answerView.setPlainText(str(result.get("text") or ""))
-        for entry in result.get("retrieved") or []:
-            if isinstance(entry, dict):
-                score = entry.get("score")
-                item = QTreeWidgetItem([str(entry.get("level") or ""), str(entry.get("entry") or ""),
-                                        f"{score:.2f}" if isinstance(score, (int, float)) else ""])
-                item.setToolTip(1, str(entry.get("entry") or ""))
-                self.retrievedList.addTopLevelItem(item)
+        turn = Turn.from_result(self._meta.get("params") or {}, result)
+        self.answerView.setPlainText(turn.answer)
+        self._show_retrieved(result)
+        warnings = result_warnings(result)
+        self.results.show_warnings(warnings)
+        for warning in warnings:
+            self.iface.messageBar().pushMessage("RS-LVLM", warning, Qgis.Warning, 10)
         try:
             added = result_layers.add_result(result, self._meta.get("question", ""),
-                                             self._meta.get("task", ""), self._meta.get("fallback"))
+                                             self._meta.get("task", ""), self._meta.get("fallback"),
+                                             self._meta.get("raster", ""))
         except (RuntimeError, ValueError, TypeError) as exc:
             self.show_message(f"The answer could not be added to the map: {exc}", Qgis.Critical)
             self.askFailed.emit("layers", str(exc))
             return
         self.last_layers = {"answers": added["answers"], "detections": added["detections"]
                             or self.last_layers.get("detections")}
+        self.exports.keep_in_project()
+        self.conversation.add(turn)
+        self.results.add_turn(turn, self.last_layers, added.get("answer_id"))
+        self.results.set_conversation_size(len(self.conversation.current(turn.key)))
         timing = result.get("timing") or {}
         seconds = (timing.get("total_s") or timing.get("total")) if isinstance(timing, dict) else None
         took = f" in {float(seconds):.1f} s" if isinstance(seconds, (int, float)) else ""
         boxes = f"; {added['boxes']} box(es) added to '{result_layers.DETECTIONS_LAYER}'" \
             if added["boxes"] else ""
-        self.show_message(f"{answered_by(result)}{took}{boxes}.")
+        self.show_message(f"{answered_by(result)}{took}{boxes}."
+                          + (" See the warnings above." if warnings else ""),
+                          Qgis.Warning if warnings else Qgis.Info)
         self.answered.emit(result)
+
+    def _show_retrieved(self, result: Dict[str, Any]) -> None:
+        """List the knowledge entries the model used; each links to its definition."""
+        for entry in result.get("retrieved") or []:
+            if isinstance(entry, dict):
+                score = entry.get("score")
+                item = QTreeWidgetItem([str(entry.get("level") or ""), str(entry.get("entry") or ""),
+                                        f"{score:.2f}" if isinstance(score, (int, float)) else ""])
+                item.setToolTip(1, str(entry.get("definition") or entry.get("entry") or ""))
+                item.setData(1, Qt.UserRole, str(entry.get("id") or entry.get("entry") or ""))
+                self.retrievedList.addTopLevelItem(item)
+
+    def _on_turn_chosen(self, turn: Turn) -> None:
+        """An earlier answer clicked in the history: show its text and knowledge again."""
+        self.answerView.setPlainText(turn.answer)
+        self.retrievedList.clear()
+        self._show_retrieved(turn.result)
+        self.results.show_warnings(result_warnings(turn.result))
+
+    def new_conversation(self) -> None:
+        """The next question on this region is sent without the earlier turns."""
+        self.conversation.reset()
+        self.results.set_conversation_size(0)
+        self.show_message("New conversation: the next question starts afresh.")
 
     def _on_failed(self, req: EngineRequest, code: str, message: str) -> None:
         if req is not self.request or code == SUPERSEDED:
@@ -427,23 +492,22 @@ class RsLvlmDock(QDockWidget):
 
     # ------------------------------------------------------------------ export & dialogs
     def export(self, kind: str, path: Optional[str] = None) -> Optional[str]:
-        """Export the answers or detections layer; asks for a file name when none is given."""
-        name = result_layers.ANSWERS_LAYER if kind == "answers" else result_layers.DETECTIONS_LAYER
-        layer = self.last_layers.get(kind) or result_layers.find_layer(name)
-        if layer is None:
-            self.show_message(f"There is no '{name}' layer to export yet.", Qgis.Warning)
-            return None
-        if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, f"Export {name}", "", export.FILE_FILTER)
-            if not path:
-                return None
-        try:
-            written = export.export_layer(layer, path)
-        except export.ExportError as exc:
-            self.show_message(str(exc), Qgis.Warning)
-            return None
-        self.show_message(f"Exported '{name}' to {written}.")
-        return written
+        """Export the answers or detections layer (see :class:`export_bar.ExportBar`)."""
+        return self.exports.export(kind, path)
+
+    def _open_knowledge_entry(self, item: QTreeWidgetItem, _column: int = 0) -> None:
+        self.open_knowledge(str(item.data(1, Qt.UserRole) or ""))
+
+    def open_knowledge(self, entry: str = "", modal: bool = True) -> Any:
+        """The knowledge-base dialog, showing ``entry`` (an id or name) when given."""
+        from .knowledge_dialog import KnowledgeDialog  # pylint: disable=import-outside-toplevel
+
+        dialog = KnowledgeDialog(self)
+        if entry:
+            dialog.show_entry(entry)
+        if modal:
+            dialog.exec_()
+        return dialog
 
     def _open_settings(self) -> None:
         from .settings_dialog import SettingsDialog  # pylint: disable=import-outside-toplevel
@@ -452,7 +516,7 @@ class RsLvlmDock(QDockWidget):
             self.refresh_engine_info()
 
     def _open_setup(self) -> None:
-        from .settings_dialog import EngineSetupDialog  # pylint: disable=import-outside-toplevel
+        from .engine_setup_dialog import EngineSetupDialog  # pylint: disable=import-outside-toplevel
 
         EngineSetupDialog(self).exec_()
         self.refresh_engine_info()
@@ -460,5 +524,10 @@ class RsLvlmDock(QDockWidget):
     def shutdown(self) -> None:
         """Remove map tools and rubber bands (called when the plugin unloads)."""
         self._restore_tool()
+        try:
+            QgsProject.instance().layersAdded.disconnect(self._avoid_own_feature_layer)
+        except TypeError:
+            pass
+        self.results.shutdown()
         for item in (self.band, self.rect_tool.band, self.poly_tool.band):
             self.canvas.scene().removeItem(item)

@@ -1,14 +1,19 @@
-"""Export of a result layer to a Shapefile, GeoPackage or GeoJSON file.
+"""Export of a result layer to a Shapefile, GeoPackage or GeoJSON file, and keeping the
+scratch layers in the project's own GeoPackage.
 
 The memory result layers vanish with the session; exporting hands them to other tools.  The
 layer is written in its own CRS (no transform), so the boxes keep the exact raster-CRS
 coordinates the engine computed, and the file's CRS (``.prj`` / ``gpkg_spatial_ref_sys``)
-says so.
+says so.  The default file name says which raster and when (``scene_answers_20261201-2337``),
+so exports of several rasters never overwrite each other by accident, and the written file is
+added to the map so the analyst sees what was written.
 """
 from __future__ import annotations
 
+import re
+from datetime import datetime
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from qgis.core import QgsProject, QgsVectorFileWriter, QgsVectorLayer
 
@@ -29,17 +34,94 @@ def driver_for(path: str) -> str:
     return DRIVERS[suffix]
 
 
-def export_layer(layer: QgsVectorLayer, path: str) -> str:
-    """Write ``layer`` to ``path`` (overwriting it) and return the written file name."""
+def default_file_name(raster_name: str, kind: str, when: Optional[datetime] = None,
+                      suffix: str = ".gpkg") -> str:
+    """``<raster>_<kind>_<YYYYmmdd-HHMM><suffix>``, the raster name made file-system safe."""
+    stem = re.sub(r"[^\w.-]+", "_", Path(raster_name or "rs_lvlm").stem).strip("._") or "rs_lvlm"
+    stamp = (when or datetime.now()).strftime("%Y%m%d-%H%M")
+    return f"{stem}_{kind}_{stamp}{suffix}"
+
+
+def default_folder(project: Optional[QgsProject] = None) -> Path:
+    """Where exports go by default: the project's folder when it is saved, else the home."""
+    project = project or QgsProject.instance()
+    home = project.homePath() if project.fileName() else ""
+    return Path(home) if home else Path.home()
+
+
+def table_name(layer: QgsVectorLayer, with_crs: bool = False) -> str:
+    """The table name inside a GeoPackage: ``rs_lvlm_answers`` for "RS-LVLM answers"
+    (``rs_lvlm_answers_epsg_32633`` with the CRS: one table per CRS, as in the project)."""
+    name = layer.name().replace(" ", "_").replace("-", "_").lower()
+    if with_crs:
+        name += "_" + (re.sub(r"\W+", "_", layer.crs().authid()).lower() or "custom_crs")
+    return name
+
+
+def export_layer(layer: QgsVectorLayer, path: str, overwrite_file: bool = True,
+                 table: str = "") -> str:
+    """Write ``layer`` to ``path`` and return the written file name (the whole file is
+    replaced, or with ``overwrite_file=False`` only table ``table`` inside a GeoPackage)."""
     if layer is None or not layer.isValid():
         raise ExportError("There is no result layer to export yet; ask a question first.")
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = driver_for(path)
     options.fileEncoding = "UTF-8"
-    options.layerName = layer.name().replace(" ", "_").replace("-", "_").lower()
+    options.layerName = table or table_name(layer)
     options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteFile
+    if not overwrite_file and Path(path).is_file():
+        options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
     error, message, written, _layer = QgsVectorFileWriter.writeAsVectorFormatV3(
         layer, path, QgsProject.instance().transformContext(), options)
     if error != QgsVectorFileWriter.NoError:
         raise ExportError(f"Could not write {path}: {message or error}")
     return written or path
+
+
+def add_to_map(path: str, name: str, layer_name: str = "") -> Optional[QgsVectorLayer]:
+    """Open a written file as a layer of the project (``None`` if it does not open)."""
+    uri = f"{path}|layername={layer_name}" if layer_name and path.endswith(".gpkg") else path
+    layer = QgsVectorLayer(uri, name, "ogr")
+    if not layer.isValid():
+        return None
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def project_geopackage(project: Optional[QgsProject] = None) -> Optional[Path]:
+    """``<project folder>/<project name>_rs_lvlm.gpkg``, or ``None`` for an unsaved project."""
+    project = project or QgsProject.instance()
+    if not project.fileName():
+        return None
+    return Path(project.homePath()) / f"{Path(project.fileName()).stem}_rs_lvlm.gpkg"
+
+
+def make_permanent(layer: QgsVectorLayer, gpkg: Path) -> QgsVectorLayer:
+    """Replace a memory result layer by the same layer stored in ``gpkg``: same name, style
+    and place in the layer tree, so later answers are appended to the file."""
+    if layer.providerType() != "memory":
+        return layer
+    subset = layer.subsetString()  # every feature goes to the file, not only those shown
+    layer.setSubsetString("")
+    try:
+        written = export_layer(layer, str(gpkg), overwrite_file=False,
+                               table=table_name(layer, with_crs=True))
+    finally:
+        layer.setSubsetString(subset)
+    stored = QgsVectorLayer(f"{written}|layername={table_name(layer, with_crs=True)}",
+                            layer.name(), "ogr")
+    if not stored.isValid():
+        raise ExportError(f"Could not open {written} after writing it.")
+    stored.setRenderer(layer.renderer().clone())
+    if layer.labeling() is not None:
+        stored.setLabeling(layer.labeling().clone())
+        stored.setLabelsEnabled(layer.labelsEnabled())
+    stored.setSubsetString(layer.subsetString())
+    project = QgsProject.instance()
+    node = project.layerTreeRoot().findLayer(layer.id())
+    parent = node.parent() if node is not None else project.layerTreeRoot()
+    index = parent.children().index(node) if node is not None else 0
+    project.addMapLayer(stored, False)
+    parent.insertLayer(index, stored)
+    project.removeMapLayer(layer.id())
+    return stored

@@ -5,12 +5,10 @@ dock: analysts read these, so they name the fix, not the exception.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-PLACEHOLDERS = {"caption": "Optional: what the caption should focus on",
-                "vqa": "e.g. How many storage tanks are there?",
-                "ground": "e.g. ships, or: the largest ship",
-                "classify": "Optional"}
+ENGINE_MISSING = "engine_missing"
+SETUP_BUTTON = "Set up the engine…"  # the dock button's text, named in the message below
 
 
 def parameter_count(parameters: Any) -> Optional[int]:
@@ -51,4 +49,17 @@ def failure_text(code: str, message: str) -> str:
                 "A model folder can also be chosen in the RS-LVLM settings.")
     if code == "cancelled":
         return "Cancelled."
+    if code == ENGINE_MISSING and "not found next to the plugin" not in message:
+        return (f"The RS-LVLM engine is not set up yet: click \"{SETUP_BUTTON}\" below to create "
+                "it, or choose an engine Python in the RS-LVLM settings.")
     return message or code
+
+
+def result_warnings(result: Dict[str, Any]) -> List[str]:
+    """The engine's ``warnings`` of a result as clean one-line strings (duplicates dropped)."""
+    seen: List[str] = []
+    for item in result.get("warnings") or []:
+        text = " ".join(str(item).split())
+        if text and text not in seen:
+            seen.append(text)
+    return seen

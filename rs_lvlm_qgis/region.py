@@ -4,15 +4,16 @@ The plugin sends the region in the CRS it was drawn in (the canvas CRS, or the p
 CRS for a selected feature) and lets the engine reproject it onto the raster: the engine owns
 raster windows and CRS handling, and doing it twice would invite off-by-a-pixel disagreements.
 What the plugin does check, before anything is sent, is what the analyst can fix in the panel:
-a raster is chosen and is a local file, the region exists and overlaps the raster, and a
-question is typed for the ``ask`` task.  Each failure is one clear sentence, never a traceback.
+a raster is chosen and is a local file, the region exists, overlaps the raster and covers more
+than a few source pixels, and a question is typed for the ``Ask`` task.  The request itself is
+built in :mod:`protocol`.  Each failure is one clear sentence, never a traceback.
 """
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Optional, Tuple
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
@@ -33,8 +34,9 @@ RECTANGLE = "rectangle"
 POLYGON = "polygon"
 FEATURE = "feature"
 
-# Dock task labels -> engine task names ("ask" is the engine's "vqa").
-TASKS = (("caption", "caption"), ("ask", "vqa"), ("ground", "ground"), ("classify", "classify"))
+# Below this many source pixels on its shorter side a region is refused: the model would
+# describe a handful of pixels with a confident sentence (the task table is in protocol.py).
+MIN_REGION_PIXELS = 8
 
 _AUTHID = re.compile(r"^(EPSG|ESRI|IGNF|OGC|IAU_2015):\S+$", re.IGNORECASE)
 
@@ -132,30 +134,26 @@ def validate(raster: Optional[QgsMapLayer], region: Optional[Region], task: str,
     in_raster_crs = to_crs(region, raster.crs())
     if not in_raster_crs.intersects(QgsGeometry.fromRect(raster.extent())):
         raise RegionError(f"The region does not overlap the raster layer '{raster.name()}'.")
+    _check_scale(raster, in_raster_crs)
     if task == "vqa" and not question.strip():
-        raise RegionError("Type a question for the 'ask' task.")
+        raise RegionError("Type a question for the 'Ask' task.")
     return path
 
 
-def ask_params(raster_file: str, region: Region, task: str, question: str,
-               max_tokens: int, model_dir: str = "", device: str = "auto",
-               precision: str = "auto") -> Dict[str, Any]:
-    """The ``ask`` request params for the engine (names mirror the CLI flags)."""
-    params: Dict[str, Any] = {"raster": raster_file, "task": task, "max_tokens": int(max_tokens)}
-    if question.strip():
-        params["question"] = question.strip()
-    crs = crs_to_engine(region.crs)
-    if region.is_rectangle():
-        box = region.geometry.boundingBox()
-        params["bbox"] = [box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()]
-        params["bbox_crs"] = crs
-    else:
-        params["region_wkt"] = region.geometry.asWkt()
-        params["region_crs"] = crs
-    if model_dir:
-        params["model"] = model_dir
-    if device and device != "auto":
-        params["device"] = device
-    if precision and precision != "auto":
-        params["precision"] = precision
-    return params
+def region_pixels(raster: QgsRasterLayer, geometry: QgsGeometry) -> Tuple[float, float]:
+    """Width and height in source pixels of the part of ``geometry`` (raster CRS) that lies
+    on the raster."""
+    box = geometry.boundingBox().intersect(raster.extent())
+    x_res = raster.rasterUnitsPerPixelX() or 1.0
+    y_res = raster.rasterUnitsPerPixelY() or 1.0
+    return box.width() / x_res, box.height() / y_res
+
+
+def _check_scale(raster: QgsRasterLayer, geometry: QgsGeometry) -> None:
+    """Refuse a region far below the model's scale before asking (the engine also warns)."""
+    width, height = region_pixels(raster, geometry)
+    if min(width, height) < MIN_REGION_PIXELS:
+        raise RegionError(
+            f"The region covers only {width:.0f} x {height:.0f} source pixels of "
+            f"'{raster.name()}'; draw one at least {MIN_REGION_PIXELS} pixels across "
+            "(the model needs more than a few pixels to say anything).")

@@ -3,8 +3,15 @@
 Why layers and not a report: the analyst's answers become map data that can be styled, edited,
 joined and exported like any other.  Each result is appended (nothing is overwritten) to:
 
-* ``RS-LVLM answers``: the asked region as a polygon with task, question, answer, model, time;
-* ``RS-LVLM detections``: one polygon per grounded box with label, score, question, model, time.
+* ``RS-LVLM answers``: the asked region as a polygon with task id, question, the readable
+  answer, the model's raw output (``raw``, box syntax and all), the raster it was asked about,
+  model and time;
+* ``RS-LVLM detections``: one polygon per grounded box with label, score, question, raster,
+  model and time.
+
+Labels are kept short and do not stack: only the latest answer on a region is labelled (older
+ones stay in the table), long answers are cut and wrapped, and the two layers use different
+colours from each other and from the orange region being drawn.
 
 Both are created in the result's CRS (the raster's, as the engine reports it), so coordinates
 are stored exactly as computed; QGIS reprojects on the fly for display.  If a later answer comes
@@ -31,6 +38,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QDateTime, Qt
 from qgis.PyQt.QtGui import QColor
 
+from . import answer_text
 from .region import crs_from_engine
 
 ANSWERS_LAYER = "RS-LVLM answers"
@@ -40,9 +48,15 @@ GROUP_NAME = "RS-LVLM"
 # Memory-provider field specs.  Widths are explicit so a Shapefile export keeps full values up
 # to 254 characters instead of OGR's 80-character default for unsized strings.
 ANSWER_FIELDS = ("task:string(16)", "question:string(254)", "answer:string(254)",
-                 "model:string(80)", "created:string(32)")
+                 "raw:string(254)", "raster:string(254)", "model:string(80)", "created:string(32)")
 DETECTION_FIELDS = ("label:string(80)", "score:double", "question:string(254)",
-                    "model:string(80)", "created:string(32)")
+                    "raster:string(254)", "model:string(80)", "created:string(32)")
+ANSWER_COLOR = "30,110,220"  # blue: apart from the orange region being drawn
+DETECTION_COLOR = "230,0,70"
+# Only the newest answer on a region gets a label: repeated questions would stack otherwise.
+ANSWER_LABEL = ("if($id = maximum($id, group_by:=geom_to_wkt($geometry)), "
+                "if(length(\"answer\") > 60, left(\"answer\", 59) || '…', \"answer\"), NULL)")
+DETECTION_LABEL = "\"label\" || ' ' || format_number(\"score\", 2)"
 
 
 def model_name(result: Dict[str, Any]) -> str:
@@ -75,6 +89,8 @@ def _style(layer: QgsVectorLayer, outline: str, fill: str, label_expression: str
     settings.fieldName = label_expression
     settings.isExpression = True
     settings.setFormat(text)
+    settings.autoWrapLength = 30  # characters per line: a long answer is a block, not a ribbon
+    settings.displayAll = False  # overlapping labels are dropped, never drawn on top of each other
     layer.setLabeling(QgsVectorLayerSimpleLabeling(settings))
     layer.setLabelsEnabled(True)
 
@@ -107,32 +123,46 @@ def _layer(name: str, crs: QgsCoordinateReferenceSystem, fields: tuple, outline:
 def answers_layer(crs: QgsCoordinateReferenceSystem) -> QgsVectorLayer:
     """The answers layer in ``crs`` (created, styled and grouped on first use)."""
     # outline only: repeated questions about one region stack up, a fill would turn opaque
-    return _layer(ANSWERS_LAYER, crs, ANSWER_FIELDS, "255,128,0", "255,128,0,0",
-                  "\"task\" || ': ' || left(\"answer\", 80)")
+    return _layer(ANSWERS_LAYER, crs, ANSWER_FIELDS, ANSWER_COLOR, ANSWER_COLOR + ",0",
+                  ANSWER_LABEL)
 
 
 def detections_layer(crs: QgsCoordinateReferenceSystem) -> QgsVectorLayer:
     """The detections layer in ``crs`` (created, styled and grouped on first use)."""
-    return _layer(DETECTIONS_LAYER, crs, DETECTION_FIELDS, "230,0,70", "230,0,70,40",
-                  "\"label\" || ' ' || format_number(\"score\", 2)")
+    return _layer(DETECTIONS_LAYER, crs, DETECTION_FIELDS, DETECTION_COLOR,
+                  DETECTION_COLOR + ",40", DETECTION_LABEL)
 
 
-def _append(layer: QgsVectorLayer, features: List[QgsFeature]) -> None:
+def _set(feature: QgsFeature, **values: Any) -> None:
+    """Set attributes by name: a layer kept in a GeoPackage has an extra ``fid`` column, so
+    positions differ from the memory layer's."""
+    names = feature.fields().names()
+    for name, value in values.items():
+        if name in names:
+            feature.setAttribute(name, value)
+
+
+def _append(layer: QgsVectorLayer, features: List[QgsFeature]) -> List[int]:
+    """Add features through the provider (no edit session for the analyst to close) and
+    return their feature ids."""
     if not features:
-        return
-    ok, _ = layer.dataProvider().addFeatures(features)
+        return []
+    ok, added = layer.dataProvider().addFeatures(features)
     if not ok:
         raise RuntimeError(f"Could not add features to {layer.name()}")
     layer.updateExtents()
     layer.triggerRepaint()
+    return [feature.id() for feature in added]
 
 
-def add_result(result: Dict[str, Any], question: str, task_label: str,
-               fallback_region: Optional[QgsGeometry] = None) -> Dict[str, Any]:
+def add_result(result: Dict[str, Any], question: str, task: str,
+               fallback_region: Optional[QgsGeometry] = None, raster: str = "") -> Dict[str, Any]:
     """Append one engine result to the answers (and, for boxes, detections) layers.
 
-    ``fallback_region`` (already in the result's CRS) is used if the engine sent no extent.
-    Returns ``{"answers": layer, "detections": layer or None, "boxes": n}``.
+    ``task`` is the protocol task id; ``fallback_region`` (already in the result's CRS) is used
+    if the engine sent no extent; ``raster`` is the file the answer was asked about.  The
+    ``answer`` attribute is the readable text, ``raw`` the model's own output.
+    Returns ``{"answers": layer, "detections": layer or None, "boxes": n, "answer_id": fid}``.
     """
     crs = crs_from_engine(str(result.get("crs") or ""))
     created = str(result.get("created") or QDateTime.currentDateTime().toString(Qt.ISODate))
@@ -144,8 +174,9 @@ def add_result(result: Dict[str, Any], question: str, task_label: str,
     answers = answers_layer(crs)
     feature = QgsFeature(answers.fields())
     feature.setGeometry(region)
-    feature.setAttributes([task_label, question, str(result.get("text") or ""), model, created])
-    _append(answers, [feature])
+    _set(feature, task=task, question=question, answer=answer_text.readable_answer(result),
+         raw=answer_text.raw_output(result), raster=raster, model=model, created=created)
+    answer_ids = _append(answers, [feature])
 
     boxes = [b for b in (result.get("boxes") or []) if isinstance(b, dict) and b.get("wkt")]
     detections = None
@@ -156,9 +187,10 @@ def add_result(result: Dict[str, Any], question: str, task_label: str,
             feat = QgsFeature(detections.fields())
             feat.setGeometry(QgsGeometry.fromWkt(str(box["wkt"])))
             score = box.get("score")
-            feat.setAttributes([str(box.get("label") or ""),
-                                float(score) if score is not None else None,
-                                question, model, created])
+            _set(feat, label=str(box.get("label") or ""),
+                 score=float(score) if score is not None else None,
+                 question=question, raster=raster, model=model, created=created)
             features.append(feat)
         _append(detections, features)
-    return {"answers": answers, "detections": detections, "boxes": len(boxes)}
+    return {"answers": answers, "detections": detections, "boxes": len(boxes),
+            "answer_id": answer_ids[0] if answer_ids else None}

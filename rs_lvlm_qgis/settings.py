@@ -26,6 +26,9 @@ KEY_MAX_TOKENS = PREFIX + "max_tokens"
 KEY_TIMEOUT_S = PREFIX + "timeout_s"
 KEY_HISTORY = PREFIX + "question_history"
 KEY_MODEL_FOLDERS = PREFIX + "model_folders"
+KEY_WHEEL_DIR = PREFIX + "wheel_dir"
+KEY_KNOWLEDGE_FILE = PREFIX + "knowledge_entries"
+KEY_KEEP_IN_PROJECT = PREFIX + "keep_in_project"
 
 ENV_ENGINE_PYTHON = "RS_LVLM_ENGINE_PYTHON"
 DEVICES = ("auto", "cpu", "cuda")
@@ -183,3 +186,36 @@ def model_folder_problem(path: str) -> str:
     if "config.json" not in names:
         return "not a model folder"
     return ""
+
+
+def wheel_dir() -> str:
+    """The folder of wheels the engine set-up installs from offline ("" = the package index)."""
+    return str(QgsSettings().value(KEY_WHEEL_DIR, "") or "")
+
+
+def set_wheel_dir(path: str) -> None:
+    """Remember the offline wheel folder (or "" to go back to the package index)."""
+    QgsSettings().setValue(KEY_WHEEL_DIR, str(path or ""))
+
+
+def user_knowledge_file() -> Path:
+    """The analyst's own knowledge entries (JSON lines), kept in the profile: the shipped
+    entries stay read-only and a plugin update never overwrites the analyst's additions."""
+    configured = str(QgsSettings().value(KEY_KNOWLEDGE_FILE, "") or "")
+    if configured:
+        return Path(configured)
+    return Path(QgsApplication.qgisSettingsDirPath()) / "rs_lvlm" / "knowledge" / "entries.jsonl"
+
+
+def user_knowledge_index() -> Path:
+    """Where the knowledge index rebuilt with the analyst's entries is written."""
+    return user_knowledge_file().parent / "index"
+
+
+def keep_in_project() -> bool:
+    """Whether result layers are stored in the project's GeoPackage automatically."""
+    return str(QgsSettings().value(KEY_KEEP_IN_PROJECT, "false")).lower() in ("true", "1")
+
+
+def set_keep_in_project(on: bool) -> None:
+    QgsSettings().setValue(KEY_KEEP_IN_PROJECT, "true" if on else "false")

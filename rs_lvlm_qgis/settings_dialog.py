@@ -1,8 +1,9 @@
-"""The settings dialog and the engine set-up dialog.
+"""The settings dialog.
 
 Kept apart from the dock so the dock stays about asking questions; everything an analyst sets
 once (interpreter, model folder, device, precision, token budget) lives here, together with the
-one button that creates the per-user engine venv when none exists.
+one button that opens :class:`engine_setup_dialog.EngineSetupDialog` to create the per-user
+engine venv when none exists.
 """
 from __future__ import annotations
 
@@ -29,63 +30,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from . import settings
-from .engine_setup_task import EngineSetupTask, extra_pip_args, has_cuda, requirements_file
-
-
-class EngineSetupDialog(QDialog):
-    """Shows the pip log of an :class:`EngineSetupTask` while it runs in the task manager."""
-
-    def __init__(self, parent: Optional[QWidget] = None) -> None:
-        super().__init__(parent)
-        self.setObjectName("RsLvlmEngineSetupDialog")
-        self.setWindowTitle("RS-LVLM: engine set-up")
-        self.resize(720, 420)
-        self.task: Optional[EngineSetupTask] = None
-        layout = QVBoxLayout(self)
-        cuda = has_cuda()
-        req = requirements_file(cuda)
-        self.venv = settings.user_venv_dir()
-        self.info = QLabel(
-            f"A Python environment for the engine will be created in\n{self.venv}\n"
-            f"and the {'CUDA' if cuda else 'CPU'} requirements installed from\n{req}.\n"
-            "This downloads several hundred MB and takes a few minutes.")
-        self.info.setWordWrap(True)
-        self.requirements = req
-        self.log = QPlainTextEdit()
-        self.log.setObjectName("setupLog")
-        self.log.setReadOnly(True)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 100)
-        self.start_button = QPushButton("Create environment")
-        self.start_button.setObjectName("setupStartButton")
-        self.start_button.setEnabled(req is not None)
-        self.start_button.clicked.connect(self.start)
-        buttons = QDialogButtonBox(QDialogButtonBox.Close)
-        buttons.rejected.connect(self.reject)
-        for widget in (self.info, self.log, self.progress, self.start_button, buttons):
-            layout.addWidget(widget)
-
-    def start(self) -> None:
-        """Queue the set-up task; the dialog may be closed, the task keeps running."""
-        if self.requirements is None:
-            return
-        self.task = EngineSetupTask(self.venv, self.requirements,
-                                    extra_pip_args=extra_pip_args(self.requirements))
-        self.task.logLine.connect(self.log.appendPlainText)
-        self.task.progressChanged.connect(lambda value: self.progress.setValue(int(value)))
-        self.task.taskCompleted.connect(lambda: self._done(True))
-        self.task.taskTerminated.connect(lambda: self._done(False))
-        self.start_button.setEnabled(False)
-        QgsApplication.taskManager().addTask(self.task)
-
-    def _done(self, ok: bool) -> None:
-        task = self.task
-        if ok:
-            self.log.appendPlainText("Done. The engine will start on the next question.")
-            self.progress.setValue(100)
-        else:
-            self.log.appendPlainText("Set-up failed: " + (task.error if task else "unknown"))
-            self.start_button.setEnabled(True)
+from .engine_setup_dialog import EngineSetupDialog
 
 
 EMBEDDED_MODEL = "Embedded model (default)"

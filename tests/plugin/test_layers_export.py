@@ -36,7 +36,8 @@ def engine_style_result() -> dict:
 
 @pytest.fixture()
 def layers(project):
-    return result_layers.add_result(engine_style_result(), "storage tanks", "ground")
+    return result_layers.add_result(engine_style_result(), "storage tanks", "ground",
+                                    raster="/data/scene_utm33n.tif")
 
 
 def test_answer_and_detections_layers_are_created_in_result_crs_inside_group(layers, project):

@@ -65,11 +65,12 @@ def test_region_combo_starts_with_canvas_extent(offline_dock):
         ["canvas", "rectangle", "polygon", "feature"]
 
 
-def test_task_combo_offers_caption_ask_ground_classify(offline_dock):
+def test_task_combo_names_tasks_for_people_and_sends_protocol_ids(offline_dock):
     combo = offline_dock.taskCombo
     assert [combo.itemText(i) for i in range(combo.count())] == \
-        ["caption", "ask", "ground", "classify"]
-    assert combo.itemData(1) == "vqa"  # the engine's name for "ask"
+        ["Describe", "Ask", "Find objects", "Classify scene"]
+    assert [combo.itemData(i) for i in range(combo.count())] == \
+        ["caption", "vqa", "ground", "classify"]
 
 
 def test_question_history_is_kept_in_settings(qgis_iface, project, no_engine_client):

@@ -13,7 +13,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QPoint, Qt
 from qgis.PyQt.QtTest import QTest
 
-from rs_lvlm_qgis import region
+from rs_lvlm_qgis import protocol, region
 
 
 def _zoom_to(canvas, layer) -> None:
@@ -74,7 +74,7 @@ def test_polygon_drawn_with_clicks_becomes_polygon_region(offline_dock, utm_rast
     assert chosen.kind == "polygon"
     expected = QgsGeometry.fromPolygonXY([[QgsPointXY(x, y) for x, y in vertices + vertices[:1]]])
     assert abs(chosen.geometry.area() - expected.area()) / expected.area() < 0.05
-    params = region.ask_params("/x.tif", chosen, "caption", "", 32)
+    params = protocol.ask_params("/x.tif", chosen, "caption", "", 32)
     assert params["region_wkt"].startswith("Polygon")
     assert params["region_crs"] == "EPSG:32633"
     assert "bbox" not in params
@@ -87,7 +87,7 @@ def test_canvas_extent_region_is_sent_as_bbox_in_canvas_crs(offline_dock, utm_ra
     shown_canvas.setExtent(QgsRectangle(1_490_000, 5_055_000, 1_495_000, 5_060_000))
     chosen = offline_dock.current_region()
     assert chosen.kind == "canvas"
-    params = region.ask_params("/x.tif", chosen, "caption", "", 32)
+    params = protocol.ask_params("/x.tif", chosen, "caption", "", 32)
     assert params["bbox_crs"] == "EPSG:3857"
     assert len(params["bbox"]) == 4 and params["bbox"][0] < params["bbox"][2]
 
@@ -128,7 +128,7 @@ def test_ask_task_with_empty_question_shows_message(offline_dock, utm_raster):
     x0, y1 = UTM_ORIGIN
     inside = QgsGeometry.fromRect(QgsRectangle(x0 + 10, y1 - 100, x0 + 100, y1 - 10))
     offline_dock.set_region(region.Region(inside, utm_raster.crs(), "rectangle"))
-    offline_dock.taskCombo.setCurrentIndex(offline_dock.taskCombo.findText("ask"))
+    offline_dock.taskCombo.setCurrentIndex(offline_dock.taskCombo.findData("vqa"))
     offline_dock.questionEdit.setCurrentText("   ")
     assert offline_dock.ask() is None
     assert "Type a question" in offline_dock.statusLabel.text()

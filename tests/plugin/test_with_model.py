@@ -27,6 +27,7 @@ from qgis.PyQt.QtCore import QPoint, Qt
 from qgis.PyQt.QtTest import QTest
 
 from rs_lvlm_qgis import result_layers, settings
+from rs_lvlm_qgis.answer_text import readable_answer
 
 pytestmark = needs_model
 
@@ -105,7 +106,7 @@ def _draw_rectangle(dock, canvas, raster, project_crs: str) -> QgsRectangle:
 
 
 def _ask(dock, task: str, question: str = ""):
-    dock.taskCombo.setCurrentIndex(dock.taskCombo.findText(task))
+    dock.taskCombo.setCurrentIndex(dock.taskCombo.findData(task))
     dock.questionEdit.setCurrentText(question)
     req = dock.ask()
     assert req is not None, dock.statusLabel.text()
@@ -116,7 +117,7 @@ def test_caption_answer_adds_feature_with_drawn_region_and_answer(dock, scene, s
     drawn = _draw_rectangle(dock, shown_canvas, scene, "EPSG:32633")
     req = _ask(dock, "caption")
     assert req.error is None, req.error
-    text = req.result["text"]
+    text = readable_answer(req.result)
     assert text.strip()
     layer = result_layers.find_layer(result_layers.ANSWERS_LAYER)
     assert layer is not None and layer.featureCount() == 1
@@ -145,7 +146,7 @@ def test_answer_region_is_stored_in_raster_crs_when_project_is_web_mercator(
 
 def test_answer_tokens_stream_into_answer_view_before_result(dock, scene, shown_canvas):
     _draw_rectangle(dock, shown_canvas, scene, "EPSG:32633")
-    dock.taskCombo.setCurrentIndex(dock.taskCombo.findText("ask"))
+    dock.taskCombo.setCurrentIndex(dock.taskCombo.findData("vqa"))
     dock.questionEdit.setCurrentText("What kind of scene is this?")
     req = dock.ask()
     snapshots = []
@@ -183,7 +184,7 @@ def test_grounding_boxes_lie_inside_drawn_region_in_raster_crs_with_web_mercator
 
 def test_cancel_during_generation_stops_it(dock, scene, shown_canvas):
     _draw_rectangle(dock, shown_canvas, scene, "EPSG:32633")
-    dock.taskCombo.setCurrentIndex(dock.taskCombo.findText("caption"))
+    dock.taskCombo.setCurrentIndex(dock.taskCombo.findData("caption"))
     req = dock.ask()
     tokens = []
 
@@ -203,7 +204,7 @@ def test_cancel_during_generation_stops_it(dock, scene, shown_canvas):
 
 def test_cancel_button_right_after_ask_cancels(dock, scene, shown_canvas):
     _draw_rectangle(dock, shown_canvas, scene, "EPSG:32633")
-    dock.taskCombo.setCurrentIndex(dock.taskCombo.findText("caption"))
+    dock.taskCombo.setCurrentIndex(dock.taskCombo.findData("caption"))
     req = dock.ask()
     dock.cancelButton.click()
     finished(req, 300)
