@@ -314,6 +314,10 @@ class RsLvlmDock(QDockWidget):
         self.questionEdit.lineEdit().setPlaceholderText(
             protocol.task(task_id).placeholder if task_id in protocol.TASK_IDS else "")
 
+    def asked_raster(self) -> str:
+        """The raster file of the last question ("" before any)."""
+        return str(self._meta.get("raster") or "")
+
     def question(self) -> str:
         return self.questionEdit.currentText().strip()
 

@@ -47,7 +47,7 @@ class ExportBar(QWidget):
     def default_path(self, kind: str) -> str:
         """The file name the export dialog proposes: the raster's name and the time."""
         raster = self.dock.layerCombo.currentLayer()
-        source = self.dock._meta.get("raster") or (raster.name() if raster is not None else "")
+        source = self.dock.asked_raster() or (raster.name() if raster is not None else "")
         return str(export.default_folder() / export.default_file_name(str(source), kind))
 
     def export(self, kind: str, path: Optional[str] = None) -> Optional[str]:
