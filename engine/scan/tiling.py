@@ -88,6 +88,19 @@ class TilePlan:
         """Raster pixel boxes ``(c0, r0, c1, r1)`` as polygons in the raster CRS (via georef)."""
         return chip_boxes_to_polygons(boxes, self.grid_chip())
 
+    def worker_view(self) -> dict:
+        """What a remote worker needs to read and georeference tiles (plain JSON; no region)."""
+        return {"raster": self.raster, "crs": self.crs.to_wkt() if self.crs is not None else None,
+                "transform": list(self.transform)[:6], "width": self.width, "height": self.height,
+                "tile_px": self.tile_px, "overlap_px": self.overlap_px, "rows": self.rows, "cols": self.cols,
+                "pixel_size": self.pixel_size}
+
+    @classmethod
+    def from_worker_view(cls, d: dict) -> "TilePlan":
+        return cls(d["raster"], CRS.from_wkt(d["crs"]) if d["crs"] else None, Affine(*d["transform"]),
+                   d["width"], d["height"], d["tile_px"], d["overlap_px"], [], d["rows"], d["cols"], None,
+                   d["pixel_size"])
+
     def neighbours(self, tile_id: int) -> list[int]:
         """Ids of the tile and of its 8 neighbours (the only tiles whose boxes can touch its own)."""
         r, c = divmod(tile_id, self.cols)
