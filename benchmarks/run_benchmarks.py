@@ -93,7 +93,7 @@ def bench_ask(n: int, max_tokens: int) -> dict:
 def bench_retrieval(n: int = 200) -> dict:
     import numpy as np
 
-    from engine.knowledge.knowledge_base import DEFAULT_INDEX_DIR, KnowledgeBase
+    from engine.knowledge import DEFAULT_INDEX_DIR, KnowledgeBase
 
     kb = KnowledgeBase.load(DEFAULT_INDEX_DIR)
     rng = np.random.default_rng(0)

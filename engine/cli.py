@@ -71,7 +71,7 @@ def _delegate(module: str) -> Callable[[list[str]], int]:
 DELEGATED = {
     "train": "engine.lab.train",
     "evaluate": "engine.lab.evaluate",
-    "build-knowledge": "engine.knowledge.knowledge_base",
+    "build-knowledge": "engine.knowledge.build",
     "demo": "engine.lab.demo",
     "make-sample": "engine.data.sample_raster",
     "export-checkpoint": "engine.lab.export_checkpoint",

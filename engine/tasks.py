@@ -11,7 +11,7 @@ import re
 __all__ = [
     "TASKS", "EXTRA_TASKS", "TASK_TOKENS", "TASK_ALIASES", "DEFAULT_QUESTIONS", "SCAN_TASKS",
     "canonical_task", "default_question", "split_task_token",
-    "PRECISIONS", "PRECISION_ALIASES", "canonical_precision",
+    "PRECISIONS", "PRECISION_ALIASES", "canonical_precision", "LEVELS",
 ]
 
 TASKS: tuple[str, ...] = ("caption", "vqa", "ground", "classify")
@@ -86,3 +86,8 @@ def canonical_precision(name: str | None) -> str:
     if key not in PRECISIONS:
         raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
     return key
+
+
+LEVELS: tuple[str, ...] = ("object", "region", "scene")
+"""The seed's semantic levels, fine to coarse: visual tokens, knowledge entries, experts and the
+``retrieved`` list of a result are each labelled with one of these."""

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -38,7 +37,7 @@ import torch
 
 from engine.errors import BAD_CHECKPOINT, EngineError
 from engine.tasks import split_task_token
-from engine.grounding import GridBox, parse_boxes
+from engine.grounding import parse_boxes
 
 from engine.model.image_processing import CLIP_MEAN, CLIP_STD, preprocess_images
 

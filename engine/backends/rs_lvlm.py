@@ -15,12 +15,11 @@ import numpy as np
 import torch
 
 from engine.grounding import parse_boxes
-from engine.tasks import split_task_token
+from engine.tasks import LEVELS, split_task_token
 
 from .base import Answer, StopCheck, TokenCallback, checkpoint_errors
 from .decoding import DecodeResult, box_scores, decode
 
-LEVELS = ("object", "region", "scene")
 
 
 def generate(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -61,16 +60,20 @@ class RsLvlmPipeline:
 
     @classmethod
     def load(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | str | None = None) -> "RsLvlmPipeline":
-        from engine.knowledge.knowledge_base import KnowledgeBase, SentenceEncoder
+        from engine.knowledge import KnowledgeBase, SentenceEncoder
         from engine.model.checkpoint import load_checkpoint
 
         model_dir = Path(model_dir)
         if dtype is None and device == "cuda":
             dtype = torch.bfloat16
         with checkpoint_errors():
-            loaded = load_checkpoint(model_dir, device=device, dtype=dtype)
+            kdir = model_dir / "knowledge"
+            knowledge = KnowledgeBase.load(kdir, device=device) if (kdir / "index.faiss").is_file() else None
+            arrays = None if knowledge is None else (knowledge.embeddings, knowledge.level_ids)
+            loaded = load_checkpoint(model_dir, device=device, dtype=dtype, knowledge=arrays)  # the folder read once
+            if knowledge is None:
+                knowledge = KnowledgeBase.load(loaded.knowledge_dir, device=device)
         loaded.model.eval()
-        knowledge = KnowledgeBase.load(loaded.knowledge_dir, device=device)
         return cls(loaded, knowledge, SentenceEncoder(), device, model_dir)
 
     @property

@@ -145,8 +145,13 @@ def _describe(names: list[str]) -> str:
 
 
 def load_checkpoint(model_dir: str | Path, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | str | None = None) -> LoadedModel:
-    """Load a checkpoint directory onto ``device`` (optionally cast to ``dtype``), in eval mode."""
+                    dtype: torch.dtype | str | None = None,
+                    knowledge: tuple[np.ndarray, np.ndarray] | None = None) -> LoadedModel:
+    """Load a checkpoint directory onto ``device`` (optionally cast to ``dtype``), in eval mode.
+
+    ``knowledge`` (embeddings, level ids) is what a caller that already loaded the checkpoint's
+    knowledge index passes, so the folder is read once; else it is read from ``knowledge/``.
+    """
     d = Path(model_dir)
     if not d.is_dir():
         raise CheckpointError(missing=True, message=f"no model at {d}: the directory does not exist; {HOW_TO_GET_A_MODEL}.")
@@ -167,7 +172,10 @@ def load_checkpoint(model_dir: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(f"{d / 'tokenizer.json'} is unreadable: {exc}") from None
     if len(tokenizer) > config.vocab_size:
         raise CheckpointError(f"tokenizer.json has {len(tokenizer)} tokens, config.json only {config.vocab_size}")
-    knowledge = load_knowledge_arrays(d / "knowledge") if config.use_sam else None
+    if knowledge is None and config.use_sam:
+        knowledge = load_knowledge_arrays(d / "knowledge")
+    elif not config.use_sam:
+        knowledge = None
     state = _read_weights(weights_path)
 
     if isinstance(dtype, str):

@@ -103,7 +103,7 @@ def checkpoint_dir(tmp_path_factory):
     """A small model over the real knowledge base, saved as a checkpoint the engine loads."""
     import numpy as np
 
-    from engine.knowledge.knowledge_base import DEFAULT_INDEX_DIR, KnowledgeBase
+    from engine.knowledge import DEFAULT_INDEX_DIR, KnowledgeBase
     from engine.model.checkpoint import save_checkpoint
     from engine.model.modeling_rs_lvlm import RsLvlmForConditionalGeneration
     from engine.model.tokenizer import build_tokenizer

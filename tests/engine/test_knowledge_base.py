@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.errors import BAD_CHECKPOINT, EngineError
-from engine.knowledge.knowledge_base import (
+from engine.knowledge import (
     DEFAULT_ENTRIES, DEFAULT_INDEX_DIR, EMBED_DIM, LEVELS, KnowledgeBase, SentenceEncoder,
     build_index, load_entries, main,
 )

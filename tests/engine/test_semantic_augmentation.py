@@ -105,7 +105,7 @@ def test_untrained_sam_retrieves_what_the_question_is_about():
 def test_airplane_question_retrieves_airport_entries_from_the_real_knowledge_base():
     import pytest
 
-    kb_module = pytest.importorskip("engine.knowledge.knowledge_base")
+    kb_module = pytest.importorskip("engine.knowledge")
     if not (kb_module.DEFAULT_INDEX_DIR / "index.faiss").is_file():
         pytest.skip("knowledge index not built")
     kb = kb_module.KnowledgeBase.load()
