@@ -9,9 +9,8 @@
   are only pickles (``.bin`` ...) is refused with the ``python -m engine convert`` command that
   turns it into a safetensors LLaVA folder: the engine itself never unpickles anything.
 
-All pipelines share one interface: ``name``, ``device``, ``image_size``, ``info()`` and
-``answer(images, task, question, *, max_new_tokens, on_token, should_stop, do_sample,
-temperature, top_p) -> list[Answer]``.
+All pipelines share one interface, :class:`engine.backends.base.Pipeline`, and decode through one
+loop, :mod:`engine.backends.decoding`.
 """
 from __future__ import annotations
 
@@ -21,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import BAD_CHECKPOINT, NO_MODEL, EngineError
+from engine.model.errors import PICKLE_SUFFIXES
 
 log = logging.getLogger("engine.backends")
 
 __all__ = ["load_pipeline", "backend_for", "read_config", "PICKLE_SUFFIXES", "is_original_llava"]
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def read_config(model_dir: Path) -> dict:

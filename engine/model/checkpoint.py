@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import PICKLE_SUFFIXES, CheckpointError
 
 from .config import LEVEL_NAMES, RsLvlmConfig, knowledge_level_ids
 from .modeling_rs_lvlm import RsLvlmForConditionalGeneration
@@ -36,7 +36,6 @@ from .tokenizer import load_tokenizer, save_tokenizer
 __all__ = ["save_checkpoint", "load_checkpoint", "LoadedModel", "weights_state_dict", "refuse_pickles",
            "load_knowledge_arrays", "PICKLE_SUFFIXES"]
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
 WEIGHTS_NAME = "model.safetensors"
 HOW_TO_GET_A_MODEL = ("build the embedded default with `make model` (or train one with "
                       "`python -m engine train`), or point --model at a checkpoint directory")

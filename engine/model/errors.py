@@ -6,7 +6,10 @@ backends turn that into the engine's coded error (``no_model`` / ``bad_checkpoin
 """
 from __future__ import annotations
 
-__all__ = ["CheckpointError"]
+__all__ = ["CheckpointError", "PICKLE_SUFFIXES"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+"""File suffixes of pickle-format weights: never loaded anywhere (loading one can run code)."""
 
 
 class CheckpointError(Exception):
