@@ -101,11 +101,12 @@ def lock_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
-def write_features(path: str | Path, records: list[dict], crs: str, layer: str = "answers",
+def write_features(path: str | Path, records: list[dict], crs: str | None, layer: str = "answers",
                    append: bool = True) -> Path:
     """Write ``records`` (see the module docstring) to ``path`` in ``crs``; returns the path.
 
     Holds the file's lock for the whole check-and-write (see "Concurrent writers" above).
+    ``crs`` None (a raster without CRS) writes pixel coordinates with no CRS (not to GeoJSON).
     Raises ``EngineError(EXPORT_FAILED)`` for an unknown extension, unreadable WKT, a write
     that GDAL refuses or a lock not obtained in time, ``EngineError(UNKNOWN_CRS)`` for a bad ``crs``.
     """
@@ -113,7 +114,10 @@ def write_features(path: str | Path, records: list[dict], crs: str, layer: str =
     driver = DRIVERS.get(path.suffix.lower())
     if driver is None:
         raise EngineError(EXPORT_FAILED, f"cannot export to {path.name}: use .gpkg, .shp or .geojson")
-    src_crs = parse_crs(crs, "crs")
+    src_crs = parse_crs(crs, "crs") if crs else None  # None: a raster without CRS, pixel coordinates
+    if src_crs is None and driver == "GeoJSON":
+        raise EngineError(EXPORT_FAILED, f"cannot export to {path.name}: GeoJSON is always longitude/latitude, "
+                                         "and this raster has no CRS; use .gpkg or .shp")
     geoms = [_geometry(r) for r in records]
     props = [_properties(r) for r in records]
     try:
@@ -139,7 +143,7 @@ def _write_locked(path: Path, driver: str, layer: str, append: bool, src_crs: An
         if not append or driver != "GPKG":
             _remove(path, driver)
         gtype = _geometry_type(geoms)
-        crs_wkt = src_crs.to_wkt()
+        crs_wkt = src_crs.to_wkt() if src_crs is not None else ""
         mode, schema = "w", {"geometry": gtype,
                              "properties": {k: ("str:254" if shp and v == "str" else v)
                                             for k, v in FIELDS.items()}}
@@ -149,7 +153,10 @@ def _write_locked(path: Path, driver: str, layer: str, append: bool, src_crs: An
         if missing:
             raise EngineError(EXPORT_FAILED, f"cannot append to {path.name}: its layer lacks "
                                              f"the fields {missing}; write to a new layer or file")
-        layer_crs = parse_crs(crs_wkt, "layer CRS")
+        layer_crs = parse_crs(crs_wkt, "layer CRS") if crs_wkt else None
+        if (layer_crs is None) != (src_crs is None):
+            raise EngineError(EXPORT_FAILED, f"cannot append to {path.name}: one of the layer and the new "
+                                             "features has no CRS (pixel coordinates); write to a new file")
         if layer_crs != src_crs:
             geoms = [transform_geometry(g, src_crs, layer_crs) if g is not None else None
                      for g in geoms]

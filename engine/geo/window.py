@@ -37,13 +37,13 @@ region much larger than the chip, or a few source pixels blown up) is a warning,
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import operator
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import rasterio
@@ -53,7 +53,6 @@ from shapely.errors import GEOSException
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.features import rasterize
 from rasterio.windows import Window
 from shapely.geometry import MultiPolygon, Polygon
@@ -62,53 +61,21 @@ from shapely.geometry.base import BaseGeometry
 from engine.errors import (
     BAD_REQUEST,
     EMPTY_REGION,
-    NOT_A_RASTER,
-    RASTER_NOT_FOUND,
     REGION_OFF_RASTER,
     TOO_MANY_BANDS,
     UNKNOWN_CRS,
     UNSUPPORTED_RASTER,
     EngineError,
 )
+from engine.geo.chip import Chip
 from engine.geo.georef import geometry_is_finite, parse_crs, transform_geometry
+from engine.geo.sources import check_source, open_raster, read_errors
 
 __all__ = ["Chip", "read_chip"]
 
 log = logging.getLogger(__name__)
 
 _EPS = 1e-6
-
-
-@dataclass
-class Chip:
-    """A resampled RGB window of a raster plus everything needed to put answers back on the map.
-
-    ``transform`` maps chip pixel edges ``(col, row)`` to the raster CRS (rasterio convention:
-    ``transform @ (0, 0)`` is the chip's top-left corner).  ``scale`` is source pixels per chip
-    pixel along the coarser axis (> 1: the region was shrunk).
-    """
-
-    image: np.ndarray                 # (H, W, 3) uint8, 0 where not valid
-    valid: np.ndarray                 # (H, W) bool
-    transform: Affine                 # chip pixel -> raster CRS
-    crs: CRS | None                   # the raster's CRS (None for a non-georeferenced raster)
-    region_wkt: str                   # the asked region clipped to the raster, raster CRS
-    bounds: tuple[float, float, float, float]  # chip extent (xmin, ymin, xmax, ymax), raster CRS
-    scale: float                      # source pixels per chip pixel (coarser axis)
-    warnings: list[str] = field(default_factory=list)
-    raster_path: str = ""
-    raster_transform: Affine = field(default_factory=Affine.identity)  # source pixel -> raster CRS
-    source_window: Window | None = None  # the window read, in source pixels
-    bands: list[int] = field(default_factory=list)  # 1-based source bands used (1 = grey)
-    stretch: list[tuple[float, float]] | None = None  # per-band (low, high) mapped to 0..255
-
-    @property
-    def width(self) -> int:
-        return int(self.image.shape[1])
-
-    @property
-    def height(self) -> int:
-        return int(self.image.shape[0])
 
 
 def read_chip(raster: str | Path, *, bbox: Sequence[float] | None = None,
@@ -132,12 +99,15 @@ def read_chip(raster: str | Path, *, bbox: Sequence[float] | None = None,
     out_h, out_w = _parse_size(size)
     path = _check_path(raster)
     notes: list[str] = []
-    with _open(path) as ds:
+    with _open(path) as ds, read_errors(path), _geometry_errors():
         _check_georef(ds, notes)
         region, clipped, is_polygon = _region_in_raster(ds, bbox, bbox_crs, region_wkt, region_crs)
         if clipped.area < region.area * (1 - 1e-6):
             notes.append(f"region extends beyond the raster; clipped to its extent "
-                            f"({100 * clipped.area / region.area:.0f}% of the region kept)")
+                         f"({100 * clipped.area / region.area:.0f}% of the region kept)")
+        if bbox is not None and is_polygon and isinstance(clipped, MultiPolygon):
+            notes.append("the region crosses the antimeridian at the raster's edge: the chip spans the "
+                         "raster's full width, with everything outside the region masked")
         win = _pixel_window(ds, clipped)
         band_idx, palette = _choose_bands(ds, bands)
         sx, sy = win.width / out_w, win.height / out_h
@@ -211,29 +181,22 @@ def _parse_size(size: int | tuple[int, int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def _check_path(raster: str | Path) -> Path:
-    text = str(raster)
-    # GDAL virtual file systems and URLs cannot be checked on disk; let GDAL judge them.
-    if text.startswith("/vsi") or "://" in text:
-        return Path(text)
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise EngineError(RASTER_NOT_FOUND, f"raster not found: {text}")
-    return path
+def _check_path(raster: str | Path) -> Path | str:
+    """The raster source if the engine may open it (regular files...; see engine.geo.sources)."""
+    return check_source(raster)
 
 
-def _open(path: Path) -> rasterio.io.DatasetReader:
+def _open(path: Path | str) -> rasterio.io.DatasetReader:
+    return open_raster(path)
+
+
+@contextlib.contextmanager
+def _geometry_errors() -> Iterator[None]:
+    """A region GEOS cannot process (absurd coordinates...) as ``bad_request``, not a traceback."""
     try:
-        with warnings.catch_warnings():
-            # Reported in Chip.warnings instead (see _check_georef).
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            ds = rasterio.open(path)
-    except (RasterioError, OSError) as exc:
-        raise EngineError(NOT_A_RASTER, f"not a raster GDAL can read: {path} ({exc})") from None
-    if ds.count < 1 or ds.width < 1 or ds.height < 1:
-        ds.close()
-        raise EngineError(NOT_A_RASTER, f"not a raster (no bands or no pixels): {path}")
-    return ds
+        yield
+    except GEOSException as exc:
+        raise EngineError(BAD_REQUEST, f"the region cannot be processed: {exc}") from None
 
 
 def _check_georef(ds: rasterio.io.DatasetReader, notes: list[str]) -> None:
@@ -276,26 +239,15 @@ def _region_in_raster(ds: rasterio.io.DatasetReader, bbox: Sequence[float] | Non
             raise EngineError(BAD_REQUEST, f"bbox must be 4 numbers, got {bbox!r}") from None
         if len(vals) != 4 or not all(math.isfinite(v) for v in vals):
             raise EngineError(BAD_REQUEST, f"bbox must be 4 finite numbers, got {bbox!r}")
-        xmin, xmax = sorted((vals[0], vals[2]))
-        ymin, ymax = sorted((vals[1], vals[3]))
-        if xmax - xmin <= 0 or ymax - ymin <= 0:
-            raise EngineError(EMPTY_REGION, f"bbox {bbox!r} has zero area")
-        geom: BaseGeometry = shapely.box(xmin, ymin, xmax, ymax)
-        src_text, is_polygon, what = bbox_crs, False, "bbox_crs"
+        geom, is_polygon = _bbox_geometry(vals, bbox, _is_geographic(ds, bbox_crs))
+        src_text, what = bbox_crs, "bbox_crs"
     elif region_wkt is not None:
-        try:
-            geom = shapely.from_wkt(region_wkt)
-        except (GEOSException, TypeError, ValueError) as exc:
-            raise EngineError(BAD_REQUEST, f"region is not valid WKT: {exc}") from None
-        if geom is None or geom.is_empty or geom.area <= 0:
-            raise EngineError(EMPTY_REGION, "region has zero area (empty, point or line)")
-        geom = _polygonal(geom)
-        if geom.is_empty or geom.area <= 0:
-            raise EngineError(EMPTY_REGION, "region has zero area after repairing it")
+        geom = _wkt_geometry(region_wkt)
         src_text, is_polygon, what = region_crs, True, "region_crs"
     else:
         return footprint, footprint, False
 
+    reprojected = False
     if src_text is not None:
         src = parse_crs(src_text, what)
         if ds.crs is None:
@@ -303,17 +255,70 @@ def _region_in_raster(ds: rasterio.io.DatasetReader, bbox: Sequence[float] | Non
                                            "be placed on it; give the region in raster coordinates")
         if src != ds.crs:
             geom = _reproject_region(geom, src, ds.crs, footprint)
+            reprojected = True
     clipped = _polygonal(geom.intersection(footprint))
+    if bbox is not None and is_polygon and not reprojected and isinstance(geom, MultiPolygon):
+        # an antimeridian bbox in both longitude conventions: its area is that of one copy
+        geom = max(geom.geoms, key=lambda g: g.intersection(footprint).area)
     if clipped.is_empty or clipped.area <= 0:
         raise EngineError(REGION_OFF_RASTER, "the region does not overlap the raster "
                                              f"(raster bounds {tuple(round(v, 6) for v in ds.bounds)})")
     return geom, clipped, is_polygon
 
 
+def _is_geographic(ds: rasterio.io.DatasetReader, crs_text: str | None) -> bool:
+    """Whether the region's CRS (its own, else the raster's) is in degrees of longitude."""
+    crs = parse_crs(crs_text, "bbox_crs") if crs_text is not None else ds.crs
+    return bool(crs is not None and crs.is_geographic)
+
+
+def _bbox_geometry(vals: list[float], bbox: Sequence[float], geographic: bool) -> tuple[BaseGeometry, bool]:
+    """The bbox as a geometry, and whether it must be masked like a polygon.
+
+    In degrees, ``xmin > xmax`` is a box crossing the antimeridian (QGIS and GeoJSON write it
+    so): it is the band from ``xmin`` east to ``xmax + 360``, given in both longitude
+    conventions (-180..180 and 0..360) so that it meets the raster's footprint whichever one the
+    raster uses.  Elsewhere the corners are simply sorted.
+    """
+    x0, y0, x1, y1 = vals
+    ymin, ymax = sorted((y0, y1))
+    if geographic and x0 > x1:
+        if ymax - ymin <= 0:
+            raise EngineError(EMPTY_REGION, f"bbox {bbox!r} has zero area")
+        east = x1 + 360.0
+        return shapely.union(shapely.box(x0, ymin, east, ymax), shapely.box(x0 - 360.0, ymin, x1, ymax)), True
+    xmin, xmax = sorted((x0, x1))
+    if xmax - xmin <= 0 or ymax - ymin <= 0:
+        raise EngineError(EMPTY_REGION, f"bbox {bbox!r} has zero area")
+    return shapely.box(xmin, ymin, xmax, ymax), False
+
+
+def _wkt_geometry(region_wkt: str) -> BaseGeometry:
+    """A polygon region from WKT, repaired *before* its area is judged (a self-intersecting
+    "bow tie" has zero signed area until it is split into its two valid parts)."""
+    if not region_wkt.strip():
+        raise EngineError(BAD_REQUEST, "region_wkt is empty; leave it out to read the whole raster")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # NaN coordinates: refused just below
+            geom = shapely.from_wkt(region_wkt)
+    except (GEOSException, TypeError, ValueError) as exc:
+        raise EngineError(BAD_REQUEST, f"region is not valid WKT: {str(exc)[:200]}") from None
+    if geom is None or geom.is_empty:
+        raise EngineError(EMPTY_REGION, "region has zero area (empty)")
+    if not geometry_is_finite(geom):
+        raise EngineError(BAD_REQUEST, "region WKT holds coordinates that are not finite numbers (inf, nan)")
+    geom = _polygonal(geom)
+    if geom.is_empty or geom.area <= 0:
+        raise EngineError(EMPTY_REGION, "region has zero area (empty, point or line)")
+    return geom
+
+
 def _reproject_region(geom: BaseGeometry, src: CRS, dst: CRS, footprint: Polygon) -> BaseGeometry:
     """Region to the raster CRS, pre-clipped in its own CRS to (a margin around) the footprint."""
     fp_src = transform_geometry(footprint, dst, src, densify_pts=50)
-    if geometry_is_finite(fp_src) and fp_src.is_valid and fp_src.area > 0:
+    wraps = src.is_geographic and fp_src.bounds[2] - fp_src.bounds[0] > 180  # crosses the antimeridian
+    if geometry_is_finite(fp_src) and fp_src.is_valid and fp_src.area > 0 and not wraps:
         xmin, ymin, xmax, ymax = fp_src.bounds
         margin = 0.02 * max(xmax - xmin, ymax - ymin)
         geom = _polygonal(geom.intersection(fp_src.buffer(margin, join_style="mitre")))

@@ -193,3 +193,23 @@ def test_append_to_foreign_layer_raises_export_failed(tmp_path):
     with pytest.raises(EngineError) as exc:
         write_features(path, [_record()], "EPSG:32633")
     assert exc.value.code == EXPORT_FAILED
+
+
+@pytest.mark.parametrize("ext", ["gpkg", "shp"])
+def test_features_of_a_raster_without_crs_are_written_without_crs(tmp_path, ext):
+    path = write_features(tmp_path / f"out.{ext}", [_record(wkt="POLYGON ((0 0, 8 0, 8 8, 0 0))")], None)
+    [feature] = read_features(path)
+    assert feature["crs"] == "" and shapely.from_wkt(feature["wkt"]).equals(shapely.from_wkt("POLYGON ((0 0, 8 0, 8 8, 0 0))"))
+
+
+def test_geojson_refuses_features_without_crs(tmp_path):
+    with pytest.raises(EngineError) as exc:
+        write_features(tmp_path / "out.geojson", [_record()], None)
+    assert exc.value.code == EXPORT_FAILED
+
+
+def test_appending_pixel_coordinates_to_a_georeferenced_layer_is_refused(tmp_path):
+    path = write_features(tmp_path / "out.gpkg", [_record()], "EPSG:32633")
+    with pytest.raises(EngineError) as exc:
+        write_features(path, [_record()], None)
+    assert exc.value.code == EXPORT_FAILED

@@ -338,3 +338,56 @@ def test_region_crs_on_raster_without_crs_raises(tmp_path):
     with pytest.raises(EngineError) as exc:
         read_chip(r.path, bbox=(80, 60, 120, 100), bbox_crs="EPSG:4326")
     assert exc.value.code == UNKNOWN_CRS
+
+
+# --------------------------------------------------------------------------- hostile regions
+
+
+ANTIMERIDIAN = Affine.translation(179.99, -16.0) @ Affine.scale(1e-4, -1e-4)  # lon 179.99..180.01
+
+
+def test_bbox_crossing_the_antimeridian_reads_the_area_between_not_the_complement(tmp_path):
+    # the bright feature spans lon 179.998..180.002: across the antimeridian
+    r = write_raster(tmp_path / "fiji.tif", crs="EPSG:4326", transform=ANTIMERIDIAN)
+    chip = read_chip(r.path, bbox=(179.996, -16.0110, -179.996, -16.0050), size=80)
+    c0, r0, c1, r1 = bright_extent(chip.image)
+    assert chip.bounds[0] == pytest.approx(179.996, abs=2e-4)
+    assert chip.bounds[2] == pytest.approx(180.004, abs=2e-4)
+    assert (c1 - c0) > 30 and chip.warnings == []
+
+
+def test_antimeridian_bbox_over_a_global_raster_reads_both_edges_and_masks_the_rest(tmp_path):
+    world = Affine.translation(-180.0, 10.0) @ Affine.scale(1.8, -0.1)   # 200 x 160 px, lon -180..180
+    r = write_raster(tmp_path / "world.tif", crs="EPSG:4326", transform=world, feature_px=(0, 60, 10, 100))
+    chip = read_chip(r.path, bbox=(162.0, 0.0, -162.0, 5.0), size=100)
+    assert chip.valid[:, :4].all() and chip.valid[:, -4:].all() and not chip.valid[:, 10:90].any()
+    assert any("antimeridian" in w for w in chip.warnings)
+
+
+def test_self_intersecting_polygon_is_repaired_before_the_zero_area_check(tmp_path):
+    r = write_raster(tmp_path / "r.tif")
+    x0, y1 = r.transform.c + 500, r.transform.f - 500
+    bowtie = f"POLYGON (({x0} {y1}, {x0 + 400} {y1 - 400}, {x0 + 400} {y1}, {x0} {y1 - 400}, {x0} {y1}))"
+    chip = read_chip(r.path, region_wkt=bowtie, size=40)
+    assert chip.valid.any() and not chip.valid.all()
+
+
+def test_empty_region_wkt_is_an_error_not_the_whole_raster(tmp_path):
+    r = write_raster(tmp_path / "r.tif")
+    with pytest.raises(EngineError) as exc:
+        read_chip(r.path, region_wkt="  ")
+    assert exc.value.code == BAD_REQUEST and "empty" in exc.value.message
+
+
+@pytest.mark.parametrize("coord", ["inf", "-inf", "nan"])
+def test_region_wkt_with_non_finite_coordinates_is_a_bad_request(tmp_path, coord):
+    r = write_raster(tmp_path / "r.tif")
+    with pytest.raises(EngineError) as exc:
+        read_chip(r.path, region_wkt=f"POLYGON ((300000 4999000, {coord} 4999000, 300500 4998500, 300000 4999000))")
+    assert exc.value.code == BAD_REQUEST
+
+
+def test_raster_without_crs_answers_in_pixel_coordinates_with_a_polygon_region(tmp_path):
+    r = write_raster(tmp_path / "r.tif", crs=None, transform=Affine.identity())
+    chip = read_chip(r.path, region_wkt="POLYGON ((70 50, 130 50, 130 110, 70 110, 70 50))", size=60)
+    assert chip.crs is None and chip.bounds == (70.0, 50.0, 130.0, 110.0)
