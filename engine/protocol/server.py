@@ -66,7 +66,7 @@ class RequestContext:
 
 
 class ProtocolServer:
-    """Reads requests from ``stdin``, writes replies to ``stdout``; see DESIGN.md's contract."""
+    """Reads requests from ``stdin``, writes replies to ``stdout``; see docs/protocol.md."""
 
     def __init__(self, handlers: dict[str, Handler], stdin: IO[bytes] | Iterable[bytes] | None = None,
                  stdout: IO[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
 ``tiling`` lays the tiles, ``runner`` puts batches through the loaded model (``ray_runner`` through
 a Ray actor pool), ``merge`` joins boxes across tile seams and ``writer`` commits each batch to the
-GeoPackage with the list of tiles done.  See DESIGN.md, "Whole rasters and scale".
+GeoPackage with the list of tiles done.  See docs/protocol.md ("Scan parameters") and docs/scale.md.
 """
 from .runner import run_scan, scan_handler
 

@@ -1,4 +1,4 @@
-"""The JSON-lines server: every line gets an answer, bad lines never stop it (DESIGN.md contract)."""
+"""The JSON-lines server: every line gets an answer, bad lines never stop it (docs/protocol.md)."""
 from __future__ import annotations
 
 import io
