@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from .backends import PICKLE_SUFFIXES, is_original_llava, read_config
+from .backends.memory import shard_index
 from .backends.tokenizer_files import IMAGE_TOKEN, load_tokenizer
 from .errors import BAD_CHECKPOINT, BAD_REQUEST, EngineError
 
@@ -122,14 +123,7 @@ def weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, OSError) as exc:
-                raise EngineError(BAD_CHECKPOINT, f"{index} is unreadable: {exc}") from None
-            missing = [n for n in names if not (folder / n).is_file()]
-            if missing:
-                raise EngineError(BAD_CHECKPOINT, f"{folder}: {', '.join(missing)} named by {index_name} missing")
-            return [folder / n for n in names]
+            return shard_index(index, folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES

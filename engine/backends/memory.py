@@ -49,19 +49,35 @@ class WeightStats:
     bytes_on_disk: int
 
 
+def shard_index(index: Path, folder: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names, each checked to lie inside ``folder``.
+
+    Why the check: the index is data from whoever made the checkpoint; a name such as
+    ``/etc/passwd`` or ``../other/model.safetensors`` must not make the engine read elsewhere.
+    """
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, OSError, TypeError, AttributeError) as exc:
+        raise EngineError(BAD_CHECKPOINT, f"{index} is unreadable: {exc}") from None
+    root = folder.resolve()
+    paths = []
+    for name in names:
+        path = (folder / str(name)).resolve()
+        if not isinstance(name, str) or Path(name).is_absolute() or root not in path.parents:
+            raise EngineError(BAD_CHECKPOINT, f"{index.name} names {str(name)[:200]!r}, which is not a file inside "
+                                              f"{folder}; shard names must be plain file names")
+        paths.append(folder / name)
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise EngineError(BAD_CHECKPOINT, f"{folder}: shard(s) {', '.join(missing)} named by {index.name} are missing")
+    return paths
+
+
 def safetensors_files(model_dir: Path) -> list[Path]:
     """The weight files of a folder: those the index names, else every ``*.safetensors``."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, OSError) as exc:
-            raise EngineError(BAD_CHECKPOINT, f"{index} is unreadable: {exc}") from None
-        missing = [n for n in names if not (model_dir / n).is_file()]
-        if missing:
-            raise EngineError(BAD_CHECKPOINT,
-                              f"{model_dir}: shard(s) {', '.join(missing)} named by {index.name} are missing")
-        return [model_dir / n for n in names]
+        return shard_index(index, model_dir)
     return sorted(model_dir.glob("*.safetensors"))
 
 
