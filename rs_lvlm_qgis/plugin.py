@@ -36,8 +36,15 @@ class RsLvlmPlugin:
         self.settings_action: Optional[QAction] = None
         self.dock: Optional[RsLvlmDock] = None
         self.client: Optional[EngineClient] = None
+        self.provider: Optional[Any] = None  # the Processing provider (rs_lvlm)
+
+    def initProcessing(self) -> None:  # noqa: N802 (QGIS API; qgis_process calls only this)
+        from . import processing  # pylint: disable=import-outside-toplevel
+
+        self.provider = processing.register()
 
     def initGui(self) -> None:  # noqa: N802 (QGIS API)
+        self.initProcessing()
         icon = QIcon(paths.icon_path())
         self.action = QAction(icon, "RS-LVLM", self.iface.mainWindow())
         self.action.setObjectName("RsLvlmAction")
@@ -52,6 +59,11 @@ class RsLvlmPlugin:
         self.iface.addPluginToMenu(MENU, self.settings_action)
 
     def unload(self) -> None:
+        if self.provider is not None:
+            from . import processing  # pylint: disable=import-outside-toplevel
+
+            processing.unregister(self.provider)
+            self.provider = None
         if self.dock is not None:
             self.dock.shutdown()
             _call(self.iface, "removeDockWidget", self.dock)
