@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
 from . import paths
 from .settings import venv_python
+from .subprocess_task import SubprocessTask
 
 CPU_LOCK = "engine-cpu.lock"
 CUDA_LOCK = "engine-cuda.lock"
@@ -203,19 +203,18 @@ class SetupParameters:
     extra_pip_args: List[str] = field(default_factory=list)
 
 
-class EngineSetupTask(QgsTask):
+class EngineSetupTask(SubprocessTask):
     """Build the engine venv atomically, streaming the log through :attr:`logLine`."""
 
     logLine = pyqtSignal(str)
 
     def __init__(self, params: SetupParameters) -> None:
-        super().__init__("RS-LVLM: set up the engine environment", QgsTask.CanCancel)
+        super().__init__("RS-LVLM: set up the engine environment")
         self.params = params
         self.venv_dir = Path(params.venv_dir)
         self.python = params.python or base_python()
         self.error: str = ""
         self.log: List[str] = []
-        self._proc: Optional[subprocess.Popen] = None
 
     def _emit(self, line: str) -> None:
         self.log.append(line)
@@ -319,9 +318,3 @@ class EngineSetupTask(QgsTask):
         self.setProgress(100.0)
         self._emit("The engine environment is ready: " + str(venv_python(self.venv_dir)))
         return True
-
-    def cancel(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-        super().cancel()

@@ -11,11 +11,11 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-from qgis.core import QgsTask
 
 from .engine_setup_task import clean_environment
+from .subprocess_task import SubprocessTask
 
 
 @dataclass
@@ -33,15 +33,14 @@ class KnowledgeBuildParameters:
                 str(self.entries_file), "--out", str(self.out_dir), "--device", self.device]
 
 
-class KnowledgeBuildTask(QgsTask):
+class KnowledgeBuildTask(SubprocessTask):
     """Run ``build-knowledge``; :attr:`result` holds its JSON summary, :attr:`error` a line."""
 
     def __init__(self, params: KnowledgeBuildParameters) -> None:
-        super().__init__("RS-LVLM: rebuild the knowledge index", QgsTask.CanCancel)
+        super().__init__("RS-LVLM: rebuild the knowledge index")
         self.params = params
         self.result: Dict[str, Any] = {}
         self.error = ""
-        self._proc: Optional[subprocess.Popen] = None
 
     def run(self) -> bool:  # runs in a worker thread
         env = clean_environment()
@@ -72,12 +71,6 @@ class KnowledgeBuildTask(QgsTask):
             return False
         self.setProgress(100.0)
         return True
-
-    def cancel(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-        super().cancel()
 
 
 def index_is_built(out_dir: Path) -> bool:
