@@ -29,16 +29,20 @@ __all__ = ["load_pipeline", "backend_for", "read_config", "PICKLE_SUFFIXES", "is
 
 
 def read_config(model_dir: Path) -> dict:
+    """A checkpoint's config.json, refused (``bad_checkpoint``, with the figures) when it is too
+    large, not a JSON object or holds absurd sizes: see :mod:`engine.backends.config_bounds`."""
+    from .config_bounds import MAX_CONFIG_BYTES, check_config
+
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise EngineError(NO_MODEL, f"no model checkpoint at {model_dir} (config.json missing)")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EngineError(BAD_CHECKPOINT, f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise EngineError(BAD_CHECKPOINT, f"{path} does not hold a JSON object")
-    return config
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise EngineError(BAD_CHECKPOINT, f"{path} is {path.stat().st_size:,} bytes; at most {MAX_CONFIG_BYTES:,}")
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise EngineError(BAD_CHECKPOINT, f"{path} is not valid JSON: {str(exc)[:200]}") from None
+    return check_config(config, str(path))
 
 
 def is_original_llava(config: dict) -> bool:

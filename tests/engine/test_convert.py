@@ -243,3 +243,17 @@ def test_sentencepiece_tokenizer_model_is_rebuilt_without_sentencepiece(tmp_path
     ids = tok.encode("hello world", add_special_tokens=False)
     assert tok.convert_ids_to_tokens(ids)[0] == "▁hello" and ids[0] == len(pieces) - 1
     assert tok.decode(ids) == "hello world" and (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside/model.safetensors", "sub/../../x.safetensors"])
+def test_an_index_naming_files_outside_the_checkpoint_folder_is_refused(tmp_path, name):
+    from engine.convert import weight_files
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "model.safetensors").write_bytes(b"x")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+    with pytest.raises(EngineError) as exc:
+        weight_files(folder)
+    assert exc.value.code == BAD_CHECKPOINT and "inside" in exc.value.message
