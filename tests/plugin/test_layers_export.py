@@ -114,3 +114,45 @@ def test_export_to_unknown_format_shows_message(offline_dock, layers, tmp_path):
 def test_result_layers_never_touch_other_project_layers(layers, project):
     names = sorted(layer.name() for layer in QgsProject.instance().mapLayers().values())
     assert names == ["RS-LVLM answers", "RS-LVLM detections"]
+
+
+# ---------------------------------------------------------------- export defaults (issue 14)
+def test_default_export_name_is_the_raster_name_and_the_time():
+    from datetime import datetime
+
+    when = datetime(2026, 12, 1, 23, 37)
+    assert export.default_file_name("/data/scene utm33n.tif", "answers", when) == \
+        "scene_utm33n_answers_20261201-2337.gpkg"
+    assert export.default_file_name("", "detections", when, ".shp") == \
+        "rs_lvlm_detections_20261201-2337.shp"
+
+
+def test_dock_proposes_the_asked_rasters_name_in_the_project_folder(offline_dock, utm_raster,
+                                                                    project, tmp_path):
+    project.write(str(tmp_path / "survey.qgz"))
+    proposed = Path(offline_dock.exports.default_path("detections"))
+    assert proposed.parent == tmp_path
+    assert proposed.name.startswith("scene_detections_") and proposed.suffix == ".gpkg"
+
+
+def test_exported_file_is_added_to_the_map(offline_dock, layers, tmp_path, project):
+    written = offline_dock.export("detections", str(tmp_path / "boxes.gpkg"))
+    added = [layer for layer in project.mapLayers().values()
+             if layer.providerType() == "ogr" and layer.source().startswith(written)]
+    assert len(added) == 1 and added[0].featureCount() == 2
+
+
+def test_keep_in_project_stores_result_layers_in_the_project_geopackage(offline_dock, layers,
+                                                                       project, tmp_path):
+    project.write(str(tmp_path / "survey.qgz"))
+    offline_dock.exports.persistCheck.setChecked(True)
+    try:
+        answers = result_layers.find_layer(result_layers.ANSWERS_LAYER)
+        assert answers.providerType() == "ogr"
+        assert answers.source().startswith(str(tmp_path / "survey_rs_lvlm.gpkg"))
+        result_layers.add_result(engine_style_result(), "again", "ground", raster="/x.tif")
+        srs, rows, _ds = _read_back(tmp_path / "survey_rs_lvlm.gpkg", "rs_lvlm_detections_epsg_32633")
+        assert len(rows) == 4  # later answers are appended to the file
+        assert [r[0]["raster"] for r in rows[-2:]] == ["/x.tif", "/x.tif"]
+    finally:
+        offline_dock.exports.persistCheck.setChecked(False)
