@@ -5,7 +5,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-engine test-plugin model evaluate ablation bench package qgis screenshot knowledge sample clean
+.PHONY: setup demo test test-engine test-plugin model evaluate ablation bench package qgis screenshot knowledge sample wheels lock clean
 
 setup:
 	bash scripts/setup.sh
@@ -55,6 +55,14 @@ qgis: setup
 
 screenshot: setup
 	bash scripts/screenshot.sh
+
+# A folder of the engine's locked wheels for the plugin's offline set-up (needs network).
+wheels:
+	bash scripts/download_wheels.sh build/wheels
+
+# Re-lock the engine requirements with hashes, one index (needs network and uv).
+lock:
+	bash scripts/lock_requirements.sh
 
 clean:
 	rm -rf dist build .pytest_cache
