@@ -5,7 +5,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test test-engine test-plugin model evaluate ablation bench package qgis screenshot knowledge sample wheels lock clean
+.PHONY: setup demo test test-engine test-plugin model evaluate ablation bench package qgis screenshot knowledge sample wheels lock clean fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -43,6 +43,10 @@ ablation: setup
 	OMP_NUM_THREADS=1 $(ABLATION) --seeds 0 --out runs/ablation/seed0.json & \
 	OMP_NUM_THREADS=1 $(ABLATION) --seeds 1 --out runs/ablation/seed1.json & wait
 	$(ENGINE_PY) -m engine.lab.ablation --merge runs/ablation/seed0.json runs/ablation/seed1.json --out docs/ablation.json
+
+# 10,000 hostile protocol lines against a live engine: deaths, wedges, non-strict replies (docs/security.md).
+fuzz: setup
+	OMP_NUM_THREADS=1 $(ENGINE_PY) scripts/fuzz_protocol.py --lines 10000 --log runs/fuzz/engine_stderr.log
 
 bench: setup
 	$(ENGINE_PY) benchmarks/run_benchmarks.py
