@@ -88,9 +88,10 @@ class EngineService:
     def pipeline(self, model: str | None, device: str | None, precision: str = "auto") -> Any:
         """Load (once) and return the inference pipeline for a model folder, device and precision.
 
-        ``auto`` is float32 on the CPU and bfloat16 on CUDA; half precision on a CPU is allowed
-        but slow, since few CPU kernels are vectorised for it.  ``int8`` (CPU, embedded model
-        family) keeps float32 weights for the prefill and decodes with int8 matrices.
+        ``auto`` is float32 on the CPU and bfloat16 on CUDA; ``bfloat16`` on a CPU halves the
+        memory.  ``int8`` is for the CPU: the embedded model keeps its float32 weights for the
+        prefill and decodes with int8 matrices; a LLaVA-family model loads with a weight-only
+        int8 language model (so a 7B fits a 16 GB machine).
         """
         from .device import resolve_device
 
@@ -99,15 +100,15 @@ class EngineService:
         resolved = resolve_device(device or self.default_device)
         dtype = {"auto": None}.get(canonical_precision(precision), canonical_precision(precision))
         int8 = dtype == "int8"
+        int8_decode = False
         if int8:
             # Checked before loading anything: a refused request keeps the loaded model.
             from .backends import backend_for
 
             if resolved != "cpu":
                 raise EngineError(BAD_REQUEST, "int8 precision is for the CPU; use bfloat16 or float16 on CUDA")
-            if backend_for(model_dir) != "rs_lvlm":
-                raise EngineError(BAD_REQUEST, "int8 precision is available for the embedded model family only")
-            dtype = "float32"       # the same float32 model; only its decode step runs in int8
+            if backend_for(model_dir) == "rs_lvlm":
+                dtype, int8_decode = "float32", True    # the same float32 model; its decode step runs in int8
         key = (str(model_dir.resolve()), resolved, dtype)
         if self._pipeline is None or self._pipeline_key != key:
             from .backends import load_pipeline
@@ -116,8 +117,8 @@ class EngineService:
             self._pipeline = load_pipeline(model_dir, device=resolved, **({"dtype": dtype} if dtype else {}))
             self._pipeline_key = key
             log.info("model %s loaded on %s in %.2f s", model_dir, resolved, time.perf_counter() - t0)
-        if int8 or getattr(self._pipeline, "int8_decode", False):
-            self._pipeline.int8_decode = int8    # only the embedded family has it (checked above)
+        if int8_decode or getattr(self._pipeline, "int8_decode", False):
+            self._pipeline.int8_decode = int8_decode    # only the embedded family has it (checked above)
         return self._pipeline
 
     # -- handlers ---------------------------------------------------------------------------

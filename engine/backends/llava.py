@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.errors import BAD_CHECKPOINT, EngineError
+from engine.errors import BAD_CHECKPOINT, BAD_REQUEST, EngineError
 from engine.tasks import split_task_token
 from engine.grounding import parse_boxes
 
@@ -145,7 +145,7 @@ class LlavaPipeline:
     backend = "llava"
 
     def __init__(self, model, tokenizer, config, device: str, model_dir: Path, dtype: torch.dtype,
-                 quantization: str | None = None, memory: dict | None = None) -> None:
+                 quantization: str | None = None, memory: dict | None = None, int8: bool = False) -> None:
         from transformers import LlavaConfig
 
         if isinstance(config, dict):
@@ -157,6 +157,7 @@ class LlavaPipeline:
         self.model_dir = Path(model_dir)
         self.dtype = dtype
         self.quantization = quantization
+        self.int8 = int8                   # weight-only int8 language model on the CPU (int8_cpu.py)
         self.memory = memory or {}
         self.options = dict(getattr(config, "rs_lvlm", None) or {})
         self.name = self.options.get("name") or self.model_dir.name
@@ -178,6 +179,9 @@ class LlavaPipeline:
                    if t is not None and t != tokenizer.eos_token_id}
         self._banned = torch.tensor(sorted(i for i in banned if 0 <= i < vocab_rows), dtype=torch.long)
         self.eos_ids = self._eos_ids()
+        self.fused_decode = quantization is None and not self.int8
+        """Decode steps on fused weights and a static KV cache (engine.model.fast_decode); the
+        prefill stays transformers'. Off for bitsandbytes and int8 models (their matrices are packed)."""
         self.logits_processors: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = []
         """Extra ``(input_ids, scores) -> scores`` hooks (transformers LogitsProcessor compatible),
         applied after the model's distribution is recorded: for constrained decoding and tests."""
@@ -227,12 +231,20 @@ class LlavaPipeline:
             raise EngineError(BAD_CHECKPOINT, f"{model_dir} has no .safetensors weights")
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).replace("torch.", "")
-        torch_dtype = resolve_dtype(device, dtype or os.environ.get("RS_LVLM_DTYPE") or options.get("precision"))
+        requested = dtype or os.environ.get("RS_LVLM_DTYPE") or options.get("precision")
+        int8 = str(requested or "").lower() == "int8"
+        if int8 and device != "cpu":
+            raise EngineError(BAD_REQUEST, "int8 precision is for the CPU; on CUDA use bfloat16 or 8bit/4bit "
+                                           "quantization (RS_LVLM_QUANTIZE, bitsandbytes)")
+        # int8: loaded in bfloat16 (the peak) and converted layer by layer (int8_cpu.py).
+        torch_dtype = torch.bfloat16 if int8 else resolve_dtype(device, requested)
         quant = resolve_quantization(device, quantization or os.environ.get("RS_LVLM_QUANTIZE")
                                      or options.get("quantization"))
         n_image = (int(config.vision_config.image_size) // int(config.vision_config.patch_size)) ** 2
-        precision = quant or str(torch_dtype).replace("torch.", "")
+        precision = quant or ("int8" if int8 else str(torch_dtype).replace("torch.", ""))
         memory = check_fits(model_dir, device, precision, config.text_config.to_dict(), context_tokens=n_image + 512)
+        if int8:   # the bfloat16 copy is the peak while loading
+            memory["load_peak"] = check_fits(model_dir, device, "bfloat16")
         direct_to_gpu = device == "cuda" and (quant is not None or _has_accelerate())
         if device == "cuda" and not direct_to_gpu:   # the weights pass through CPU memory on their way
             check_fits(model_dir, "cpu", precision)
@@ -265,8 +277,13 @@ class LlavaPipeline:
             raise EngineError(BAD_CHECKPOINT, f"{model_dir} does not match its config ({detail})")
         if "device_map" not in kwargs:
             model.to(device)            # CUDA without accelerate: loaded in CPU memory first, then moved
+        if int8:
+            from .int8_cpu import quantize_language_model_int8
+
+            model = quantize_language_model_int8(model)
+            torch_dtype = torch.float32  # what the activations (and pixel values) are in
         model.eval()
-        return cls(model, tokenizer, config, device, model_dir, torch_dtype, quant, memory)
+        return cls(model, tokenizer, config, device, model_dir, torch_dtype, quant, memory, int8=int8)
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -287,7 +304,8 @@ class LlavaPipeline:
         return {"name": self.name, "path": str(self.model_dir), "backend": self.backend,
                 "architecture": "LlavaForConditionalGeneration", "parameters": {"total": total, **parts},
                 "parameters_total": total, "image_size": self.image_size, "image_tokens": self.image_tokens,
-                "dtype": str(self.dtype).replace("torch.", ""), "quantization": self.quantization,
+                "dtype": "int8" if self.int8 else str(self.dtype).replace("torch.", ""),
+                "quantization": self.quantization, "fused_decode": self.fused_decode,
                 "conversation": "vicuna_v1", "use_sam": False, "use_experts": False, "knowledge_entries": 0,
                 "retrieval": "none: this backend has no knowledge base, 'retrieved' is always []",
                 "converted_from": self.options.get("converted_from"), "memory": self.memory}
@@ -304,6 +322,12 @@ class LlavaPipeline:
         ids += [self.image_token_id] * self.image_tokens
         ids += self.tokenizer.encode(after, add_special_tokens=False)
         return ids
+
+    def _fused_decoder(self, batch: int, capacity: int):
+        from engine.model.fast_decode import FusedDecoder
+
+        inner = self.model.model
+        return FusedDecoder(self.model, batch, capacity, language_model=inner.language_model, lm_head=self.model.lm_head)
 
     # -- answering ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -330,11 +354,19 @@ class LlavaPipeline:
 
         def prefill() -> torch.Tensor:
             out = self.model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
-            state["past"] = out.past_key_values
+            state["past"], state["mask"] = out.past_key_values, torch.ones_like(input_ids)
+            if self.fused_decode and max_new_tokens > 1:
+                state["fused"] = self._fused_decoder(n, input_ids.shape[1] + max_new_tokens)
+                state["fused"].load_cache(out.past_key_values)
+                state["past"] = None
             return out.logits[:, -1, :]
 
         def step(tokens: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-            out = self.model(input_ids=tokens.unsqueeze(1), past_key_values=state["past"], use_cache=True)
+            state["mask"] = torch.cat([state["mask"], alive.long()[:, None]], dim=1)
+            if "fused" in state:
+                return state["fused"].step(tokens, state["mask"])
+            out = self.model(input_ids=tokens.unsqueeze(1), past_key_values=state["past"], use_cache=True,
+                             attention_mask=state["mask"])
             state["past"] = out.past_key_values
             return out.logits[:, -1, :]
 

@@ -34,7 +34,9 @@ QUANT_ALIASES = {"": None, "none": None, "no": None, "8bit": "8bit", "int8": "8b
 # Bytes one parameter takes once loaded, per precision.  8-/4-bit: bitsandbytes quantizes the
 # linear layers (almost all of a 7B model); norms, embeddings and the LM head stay in 16 bit,
 # hence a little over 1 and 0.5 byte.
-BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "8bit": 1.1, "4bit": 0.6}
+BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "8bit": 1.1, "4bit": 0.6, "int8": 1.3}
+"""``int8`` is the CPU's weight-only int8 language model (int8_cpu.py): one byte per LM matrix
+weight plus the float32 vision tower, embeddings and norms (about 1.3 bytes a parameter for a 7B)."""
 SAFETENSORS_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                         "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -107,15 +109,17 @@ def weight_stats(model_dir: Path) -> WeightStats:
 
 
 def resolve_dtype(device: str, requested: str | None = None):
-    """torch dtype for a device: fp32 on CPU; bf16 on CUDA (fp16 if asked or without bf16)."""
+    """torch dtype for a device: fp32 on CPU (bf16 if asked); bf16 on CUDA (fp16 if asked or without bf16)."""
     import torch
 
     key = DTYPE_ALIASES.get(str(requested or "").lower().replace("torch.", ""), "invalid")
     if key == "invalid":
         raise EngineError(BAD_REQUEST, f"unknown precision {requested!r}; use auto, bf16, fp16 or fp32")
     if device != "cuda":
+        if key == "bfloat16":
+            return torch.bfloat16        # half the memory; PyTorch's CPU bf16 kernels are vectorised
         if key not in (None, "float32"):
-            log.info("precision %s ignored on the CPU: the CPU runs in float32", key)
+            log.info("precision %s ignored on the CPU: float16 kernels are slow there, using float32", key)
         return torch.float32
     if key is None or key == "bfloat16":
         if torch.cuda.is_bf16_supported():

@@ -66,10 +66,13 @@ class _FusedLayer:
     def __init__(self, layer: nn.Module, int8: bool = False) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm            # LlamaRMSNorm
-        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], dim=0)       # (Q+2K, H)
-        self.qkv = _Matrix(qkv, int8=int8)
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        qkv = torch.cat([m.weight for m in projections], dim=0)                                  # (Q+2K, H)
+        qkv_bias = (torch.cat([m.bias for m in projections]) if attn.q_proj.bias is not None else None)
+        self.qkv = _Matrix(qkv, qkv_bias, int8=int8)
         self.q_size, self.kv_size = attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0]
-        self.o = _Matrix(attn.o_proj.weight, int8=int8)                                          # (H, Q)
+        self.head_dim = int(attn.head_dim)
+        self.o = _Matrix(attn.o_proj.weight, attn.o_proj.bias, int8=int8)                       # (H, Q)
         self.scaling = attn.scaling
         if isinstance(mlp, SemanticExpertMLP):
             parts = [mlp.shared_expert, *mlp.experts]
@@ -85,8 +88,14 @@ class _FusedLayer:
         else:
             parts, self.router, self.spread = [mlp], None, None
         gate_up = torch.cat([p.gate_proj.weight for p in parts] + [p.up_proj.weight for p in parts], dim=0)
-        self.gate_up = _Matrix(gate_up, int8=int8)                                               # (2I, H)
-        self.down = _Matrix(torch.cat([p.down_proj.weight for p in parts], dim=1), int8=int8)    # (H, I)
+        gate_up_bias = None
+        if parts[0].gate_proj.bias is not None:                                                  # Llama mlp_bias
+            gate_up_bias = torch.cat([p.gate_proj.bias for p in parts] + [p.up_proj.bias for p in parts])
+        self.gate_up = _Matrix(gate_up, gate_up_bias, int8=int8)                                 # (2I, H)
+        down_bias = parts[0].down_proj.bias
+        if down_bias is not None and len(parts) > 1:
+            raise ValueError("biased down projections in semantic experts are not supported by the fused step")
+        self.down = _Matrix(torch.cat([p.down_proj.weight for p in parts], dim=1), down_bias, int8=int8)  # (H, I)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H) -> (B, H): shared + gated level experts (or the plain SwiGLU MLP)."""
@@ -107,33 +116,42 @@ def _version(tensor: torch.Tensor) -> int:
         return -1
 
 
-def _fused_weights(model: nn.Module, int8: bool) -> tuple[list[_FusedLayer], _Matrix]:
-    """The fused layers and LM head of ``model``, built once and kept on the model.
+def _fused_weights(owner: nn.Module, language_model: nn.Module, lm_head: nn.Module,
+                   int8: bool) -> tuple[list[_FusedLayer], _Matrix]:
+    """The fused layers and LM head of a model, built once and kept on ``owner``.
 
     Fusing copies every matrix of the language model (and int8 packing quantises it), which
     would cost more than a short answer's decoding if done per request; the copy is rebuilt
     only when a parameter was replaced or changed in place (its ``_version`` moved on)."""
-    params = list(model.language_model.parameters()) + list(model.lm_head.parameters())
+    params = list(language_model.parameters()) + list(lm_head.parameters())
     key = (int8, tuple((p.data_ptr(), _version(p), p.dtype, p.device) for p in params))
-    cached = model.__dict__.get("_fused_decode_weights", {})
+    cached = owner.__dict__.get("_fused_decode_weights", {})
     if cached.get(int8, (None,))[0] != key:
-        layers = [_FusedLayer(layer, int8) for layer in model.language_model.layers]
-        cached[int8] = (key, layers, _Matrix(model.lm_head.weight, model.lm_head.bias, int8=int8))
-        model.__dict__["_fused_decode_weights"] = cached
+        layers = [_FusedLayer(layer, int8) for layer in language_model.layers]
+        cached[int8] = (key, layers, _Matrix(lm_head.weight, lm_head.bias, int8=int8))
+        owner.__dict__["_fused_decode_weights"] = cached
     return cached[int8][1], cached[int8][2]
 
 
 class FusedDecoder:
-    """Decode steps for one batch of generation: static cache of ``capacity`` positions."""
+    """Decode steps for one batch of generation: static cache of ``capacity`` positions.
 
-    def __init__(self, model: nn.Module, batch: int, capacity: int, int8: bool = False) -> None:
-        lm = model.language_model
-        config = model.config
-        self.layers, self.head = _fused_weights(model, int8)
+    Any Llama-family language model: the embedded model (``model.language_model`` and
+    ``model.lm_head``) or, given ``language_model`` and ``lm_head``, a transformers LLaVA's
+    (grouped-query attention, any head size, biases and RoPE scaling as its config says: the
+    rotary embedding is the model's own).
+    """
+
+    def __init__(self, model: nn.Module, batch: int, capacity: int, int8: bool = False, *,
+                 language_model: nn.Module | None = None, lm_head: nn.Module | None = None) -> None:
+        lm = model.language_model if language_model is None else language_model
+        head = model.lm_head if lm_head is None else lm_head
+        self.layers, self.head = _fused_weights(model, lm, head, int8)
         self.embed = lm.embed_tokens.weight
         self.final_norm = lm.norm
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        first = self.layers[0]
+        self.head_dim = first.head_dim
+        self.heads, self.kv_heads = first.q_size // first.head_dim, first.kv_size // first.head_dim
         device, dtype = self.embed.device, self.embed.dtype
         positions = torch.arange(capacity, device=device)[None]                                  # (1, P)
         cos, sin = lm.rotary_emb(self.embed, positions)                                          # (1, P, hd)
