@@ -24,14 +24,12 @@ from qgis.PyQt.QtWidgets import (
     QDockWidget,
     QFormLayout,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QToolButton,
-    QTreeWidget,
-    QTreeWidgetItem,
     QVBoxLayout,
     QWidget,
 )
@@ -40,8 +38,11 @@ from . import answer_text, protocol, region, result_layers, settings
 from .conversation import Conversation, Turn, region_key
 from .export_bar import ExportBar
 from .engine_client import ENGINE_MISSING, SUPERSEDED, EngineClient, EngineRequest
-from .messages import describe_engine, failure_text, result_warnings
+from .engine_status import EngineStatus
+from .messages import answered_by, failure_text, result_warnings
+from .question_box import QuestionBox
 from .results_panel import ResultsPanel
+from .retrieved_view import RetrievedList
 from .map_tools import PolygonMapTool, RectangleMapTool, make_rubber_band, polygon_geometry_type
 
 LOG_TAG = "RS-LVLM"
@@ -54,12 +55,6 @@ def _layer_filter(name: str) -> Any:
     if modern is not None and hasattr(modern, name):
         return getattr(modern, name)
     return getattr(QgsMapLayerProxyModel, name)
-
-
-def answered_by(result: Dict[str, Any]) -> str:
-    """The "Answered by <model> on <device>" sentence (parts the engine left out are omitted)."""
-    model, device = result_layers.model_name(result), str(result.get("device") or "")
-    return "Answered" + (f" by {model}" if model else "") + (f" on {device}" if device else "")
 
 
 class RsLvlmDock(QDockWidget):
@@ -98,7 +93,10 @@ class RsLvlmDock(QDockWidget):
     # ------------------------------------------------------------------ UI construction
     def _build(self) -> None:
         body = QWidget(self)
-        self.setWidget(body)
+        scroll = QScrollArea(self)  # a short screen scrolls the panel instead of squashing it
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(body)
+        self.setWidget(scroll)
         self.layerCombo = QgsMapLayerComboBox(body)
         self.layerCombo.setObjectName("layerCombo")
         self.layerCombo.setFilters(_layer_filter("RasterLayer"))
@@ -118,12 +116,7 @@ class RsLvlmDock(QDockWidget):
         self.taskCombo.setObjectName("taskCombo")
         for row in protocol.TASKS:  # people read the label, the engine gets the id
             self.taskCombo.addItem(row.label, row.id)
-        self.questionEdit = QComboBox(body)
-        self.questionEdit.setObjectName("questionEdit")
-        self.questionEdit.setEditable(True)
-        self.questionEdit.setInsertPolicy(QComboBox.NoInsert)
-        self.questionEdit.addItems(settings.question_history())
-        self.questionEdit.setCurrentText("")
+        self.questionEdit = QuestionBox(body)
         self.questionEdit.lineEdit().returnPressed.connect(self.ask)
         self.askButton = QPushButton("Ask", body)
         self.askButton.setObjectName("askButton")
@@ -143,20 +136,17 @@ class RsLvlmDock(QDockWidget):
         self.statusLabel.setObjectName("statusLabel")
         self.statusLabel.setWordWrap(True)
         self.statusLabel.setTextInteractionFlags(Qt.TextSelectableByMouse)
-        self.setupEngineButton = QPushButton("Set up the engine…", body)
-        self.setupEngineButton.setObjectName("setupEngineButton")
-        self.setupEngineButton.setVisible(False)
+        self.engine_status = EngineStatus(self.client, body)
+        self.engine_status.info.connect(self.engineInfo.emit)
+        self.engine_status.message.connect(self.show_message)
+        self.deviceLabel = self.engine_status.deviceLabel
+        self.setupEngineButton = self.engine_status.setupEngineButton
         self.answerView = QPlainTextEdit(body)
         self.answerView.setObjectName("answerView")
         self.answerView.setReadOnly(True)
         self.answerView.setPlaceholderText("The answer appears here as it is generated.")
-        self.retrievedList = QTreeWidget(body)
-        self.retrievedList.setObjectName("retrievedList")
-        self.retrievedList.setHeaderLabels(["Level", "Knowledge entry", "Score"])
-        self.retrievedList.setRootIsDecorated(False)
-        self.retrievedList.setMaximumHeight(140)
-        self.retrievedList.setToolTip("Double-click an entry to open it in the knowledge base")
-        self.retrievedList.itemDoubleClicked.connect(self._open_knowledge_entry)
+        self.retrievedList = RetrievedList(body)
+        self.retrievedList.entryOpened.connect(lambda entry: self.open_knowledge(entry))
         self.results = ResultsPanel(self.iface, body)
         self.results.turnChosen.connect(self._on_turn_chosen)
         self.results.newConversationButton.clicked.connect(self.new_conversation)
@@ -164,15 +154,7 @@ class RsLvlmDock(QDockWidget):
         self.knowledgeButton.setObjectName("knowledgeButton")
         self.knowledgeButton.setText("Knowledge base…")
         self.knowledgeButton.clicked.connect(lambda: self.open_knowledge())
-        header = self.retrievedList.header()
-        header.setStretchLastSection(False)
-        header.setSectionResizeMode(0, QHeaderView.ResizeToContents)
-        header.setSectionResizeMode(1, QHeaderView.Stretch)
-        header.setSectionResizeMode(2, QHeaderView.ResizeToContents)
         self.exports = ExportBar(self, body)
-        self.deviceLabel = QLabel("Engine: not started", body)
-        self.deviceLabel.setObjectName("deviceLabel")
-        self.deviceLabel.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("Raster", self.layerCombo)
@@ -238,17 +220,7 @@ class RsLvlmDock(QDockWidget):
             self.start_drawing()
 
     def _avoid_own_feature_layer(self, _layers: Any = None) -> None:
-        """The polygon-feature region should start on the analyst's data, not on the plugin's
-        own answers/detections (those stay choosable)."""
-        combo = self.featureLayerCombo
-        current = combo.currentLayer()
-        if current is None or not current.name().startswith(result_layers.GROUP_NAME + " "):
-            return
-        for i in range(combo.count()):
-            layer = combo.layer(i)
-            if layer is not None and not layer.name().startswith(result_layers.GROUP_NAME + " "):
-                combo.setLayer(layer)
-                return
+        region.prefer_analyst_layer(self.featureLayerCombo, result_layers.GROUP_NAME + " ")
 
     def start_drawing(self) -> None:
         """Activate the drawing tool for the chosen region kind."""
@@ -319,7 +291,7 @@ class RsLvlmDock(QDockWidget):
         return str(self._meta.get("raster") or "")
 
     def question(self) -> str:
-        return self.questionEdit.currentText().strip()
+        return self.questionEdit.question()
 
     def ask(self) -> Optional[EngineRequest]:
         """Check the input and send the question; returns the request or ``None``."""
@@ -339,13 +311,7 @@ class RsLvlmDock(QDockWidget):
         history = self.conversation.history(region_key(params))
         if history:  # a follow-up on the same region carries the earlier turns
             params["history"] = history
-        if question:
-            asked = settings.remember_question(question)
-            self.questionEdit.blockSignals(True)
-            self.questionEdit.clear()
-            self.questionEdit.addItems(asked)
-            self.questionEdit.setCurrentText(question)
-            self.questionEdit.blockSignals(False)
+        self.questionEdit.remember(question)
         self._meta = {"question": question, "task": task, "fallback": fallback,
                       "params": params, "raster": raster_file}
         self._stream = ""
@@ -401,7 +367,7 @@ class RsLvlmDock(QDockWidget):
         self.last_result = result
         turn = Turn.from_result(self._meta.get("params") or {}, result)
         self.answerView.setPlainText(turn.answer)
-        self._show_retrieved(result)
+        self.retrievedList.show_result(result)
         warnings = result_warnings(result)
         self.results.show_warnings(warnings)
         for warning in warnings:
@@ -430,22 +396,10 @@ class RsLvlmDock(QDockWidget):
                           Qgis.Warning if warnings else Qgis.Info)
         self.answered.emit(result)
 
-    def _show_retrieved(self, result: Dict[str, Any]) -> None:
-        """List the knowledge entries the model used; each links to its definition."""
-        for entry in result.get("retrieved") or []:
-            if isinstance(entry, dict):
-                score = entry.get("score")
-                item = QTreeWidgetItem([str(entry.get("level") or ""), str(entry.get("entry") or ""),
-                                        f"{score:.2f}" if isinstance(score, (int, float)) else ""])
-                item.setToolTip(1, str(entry.get("definition") or entry.get("entry") or ""))
-                item.setData(1, Qt.UserRole, str(entry.get("id") or entry.get("entry") or ""))
-                self.retrievedList.addTopLevelItem(item)
-
     def _on_turn_chosen(self, turn: Turn) -> None:
         """An earlier answer clicked in the history: show its text and knowledge again."""
         self.answerView.setPlainText(turn.answer)
-        self.retrievedList.clear()
-        self._show_retrieved(turn.result)
+        self.retrievedList.show_result(turn.result)
         self.results.show_warnings(result_warnings(turn.result))
 
     def new_conversation(self) -> None:
@@ -460,47 +414,19 @@ class RsLvlmDock(QDockWidget):
         self._finish_ui()
         text = failure_text(code, message)
         if code == ENGINE_MISSING:
-            self.setupEngineButton.setVisible(True)
-            self.deviceLabel.setText("Engine: not set up")
+            self.engine_status.on_failure(code, message, report=False)
         self.show_message(text, Qgis.Info if code == "cancelled" else Qgis.Warning)
         self.askFailed.emit(code, message)
 
     # ------------------------------------------------------------------ engine info
     def refresh_engine_info(self) -> EngineRequest:
         """Ask the engine which device and model it uses and show it in ``deviceLabel``."""
-        values = settings.load()
-        params: Dict[str, Any] = {}
-        if values.model_dir:
-            params["model"] = values.model_dir
-        if values.device != "auto":
-            params["device"] = values.device
-        req = self.client.request("info", params, timeout_s=180)
-        self.deviceLabel.setText("Engine: starting…")
-        req.succeeded.connect(self._on_info)
-        req.failed.connect(self._on_info_failed)
-        return req
-
-    def _on_info(self, info: Dict[str, Any]) -> None:
-        self.deviceLabel.setText(describe_engine(info))
-        self.setupEngineButton.setVisible(False)
-        self.engineInfo.emit(info)
-
-    def _on_info_failed(self, code: str, message: str) -> None:
-        if code == ENGINE_MISSING:
-            self.setupEngineButton.setVisible(True)
-            self.deviceLabel.setText("Engine: not set up")
-            self.show_message(message, Qgis.Warning)
-        else:
-            self.deviceLabel.setText(f"Engine: unavailable ({code})")
-            self.show_message(f"The engine is not working: {message}", Qgis.Warning)
+        return self.engine_status.refresh()
 
     # ------------------------------------------------------------------ export & dialogs
     def export(self, kind: str, path: Optional[str] = None) -> Optional[str]:
         """Export the answers or detections layer (see :class:`export_bar.ExportBar`)."""
         return self.exports.export(kind, path)
-
-    def _open_knowledge_entry(self, item: QTreeWidgetItem, _column: int = 0) -> None:
-        self.open_knowledge(str(item.data(1, Qt.UserRole) or ""))
 
     def open_knowledge(self, entry: str = "", modal: bool = True) -> Any:
         """The knowledge-base dialog, showing ``entry`` (an id or name) when given."""

@@ -63,3 +63,17 @@ def result_warnings(result: Dict[str, Any]) -> List[str]:
         if text and text not in seen:
             seen.append(text)
     return seen
+
+
+def model_name(result: Dict[str, Any]) -> str:
+    """The model's name from a result, whether the engine reports a dict or a string."""
+    model = result.get("model")
+    if isinstance(model, dict):
+        return str(model.get("name") or model.get("path") or "")
+    return str(model or "")
+
+
+def answered_by(result: Dict[str, Any]) -> str:
+    """The "Answered by <model> on <device>" sentence (parts the engine left out are omitted)."""
+    model, device = model_name(result), str(result.get("device") or "")
+    return "Answered" + (f" by {model}" if model else "") + (f" on {device}" if device else "")

@@ -106,6 +106,19 @@ def selected_feature_region(layer: Optional[QgsMapLayer]) -> Region:
     return Region(geometry, layer.crs(), FEATURE)
 
 
+def prefer_analyst_layer(combo: Any, own_prefix: str) -> None:
+    """Move a polygon-layer combo off the plugin's own result layers (names starting with
+    ``own_prefix``) onto the analyst's first layer, if there is one; ours stay choosable."""
+    current = combo.currentLayer()
+    if current is None or not current.name().startswith(own_prefix):
+        return
+    for i in range(combo.count()):
+        layer = combo.layer(i)
+        if layer is not None and not layer.name().startswith(own_prefix):
+            combo.setLayer(layer)
+            return
+
+
 def to_crs(region: Region, crs: QgsCoordinateReferenceSystem) -> QgsGeometry:
     """The region's geometry in another CRS (raises :class:`RegionError` if it cannot be)."""
     geometry = QgsGeometry(region.geometry)

@@ -39,6 +39,7 @@ from qgis.PyQt.QtCore import QDateTime, Qt
 from qgis.PyQt.QtGui import QColor
 
 from . import answer_text
+from .messages import model_name
 from .region import crs_from_engine
 
 ANSWERS_LAYER = "RS-LVLM answers"
@@ -57,14 +58,6 @@ DETECTION_COLOR = "230,0,70"
 ANSWER_LABEL = ("if($id = maximum($id, group_by:=geom_to_wkt($geometry)), "
                 "if(length(\"answer\") > 60, left(\"answer\", 59) || '…', \"answer\"), NULL)")
 DETECTION_LABEL = "\"label\" || ' ' || format_number(\"score\", 2)"
-
-
-def model_name(result: Dict[str, Any]) -> str:
-    """The model's name from a result, whether the engine reports a dict or a string."""
-    model = result.get("model")
-    if isinstance(model, dict):
-        return str(model.get("name") or model.get("path") or "")
-    return str(model or "")
 
 
 def _group() -> QgsLayerTreeGroup:
