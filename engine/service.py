@@ -85,7 +85,7 @@ class EngineService:
         self.started = time.time()
 
     # -- model ------------------------------------------------------------------------------
-    def pipeline(self, model: str | None, device: str | None, precision: str = "auto") -> Any:
+    def pipeline(self, model: str | None, device: str | None, precision: str = "auto", backend: str = "auto") -> Any:
         """Load (once) and return the inference pipeline for a model folder, device and precision.
 
         ``auto`` is float32 on the CPU and bfloat16 on CUDA; ``bfloat16`` on a CPU halves the
@@ -109,12 +109,13 @@ class EngineService:
                 raise EngineError(BAD_REQUEST, "int8 precision is for the CPU; use bfloat16 or float16 on CUDA")
             if backend_for(model_dir) == "rs_lvlm":
                 dtype, int8_decode = "float32", True    # the same float32 model; its decode step runs in int8
-        key = (str(model_dir.resolve()), resolved, dtype)
+        key = (str(model_dir.resolve()), resolved, dtype, backend)
         if self._pipeline is None or self._pipeline_key != key:
             from .backends import load_pipeline
 
             t0 = time.perf_counter()
-            self._pipeline = load_pipeline(model_dir, device=resolved, **({"dtype": dtype} if dtype else {}))
+            self._pipeline = load_pipeline(model_dir, device=resolved, backend=backend,
+                                           **({"dtype": dtype} if dtype else {}))
             self._pipeline_key = key
             log.info("model %s loaded on %s in %.2f s", model_dir, resolved, time.perf_counter() - t0)
         if int8_decode or getattr(self._pipeline, "int8_decode", False):
@@ -174,7 +175,7 @@ class EngineService:
 
         ctx.progress(1, total_steps, "loading the model")
         t1 = time.perf_counter()
-        pipeline = self.pipeline(p.model, p.device, p.precision)
+        pipeline = self.pipeline(p.model, p.device, p.precision, p.backend)
         timing["load_s"] = time.perf_counter() - t1
         ctx.check_cancelled()
 
@@ -188,7 +189,7 @@ class EngineService:
         timing["answer_s"] = time.perf_counter() - t2
         ctx.check_cancelled()
 
-        warnings = list(chip.warnings)
+        warnings = list(chip.warnings) + list(getattr(pipeline, "load_warnings", []))
         if chip.crs is None:
             if p.out_crs is not None:
                 raise EngineError(BAD_REQUEST, "the raster has no CRS, so out_crs cannot be applied")

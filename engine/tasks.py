@@ -11,7 +11,7 @@ import re
 __all__ = [
     "TASKS", "EXTRA_TASKS", "TASK_TOKENS", "TASK_ALIASES", "DEFAULT_QUESTIONS", "SCAN_TASKS",
     "canonical_task", "default_question", "split_task_token",
-    "PRECISIONS", "PRECISION_ALIASES", "canonical_precision", "LEVELS",
+    "PRECISIONS", "PRECISION_ALIASES", "canonical_precision", "LEVELS", "BACKENDS",
 ]
 
 TASKS: tuple[str, ...] = ("caption", "vqa", "ground", "classify")
@@ -91,3 +91,7 @@ def canonical_precision(name: str | None) -> str:
 LEVELS: tuple[str, ...] = ("object", "region", "scene")
 """The seed's semantic levels, fine to coarse: visual tokens, knowledge entries, experts and the
 ``retrieved`` list of a result are each labelled with one of these."""
+
+BACKENDS: tuple[str, ...] = ("auto", "transformers", "vllm")
+"""``--backend`` choices for LLaVA-family folders: vLLM on CUDA when installed (``auto``), else
+transformers with the engine's fused decode step."""

@@ -80,16 +80,29 @@ def backend_for(model_dir: Path | str) -> str:
     return "rs_lvlm"
 
 
-def load_pipeline(model_dir: Path | str, device: str = "cpu", **options: Any) -> Any:
+def load_pipeline(model_dir: Path | str, device: str = "cpu", backend: str = "auto", **options: Any) -> Any:
     """Load the pipeline for a checkpoint folder on ``device`` ("cpu" or "cuda").
 
-    ``options`` go to the backend's ``load`` (``dtype``, ``quantization`` for LLaVA).
+    ``options`` go to the backend's ``load`` (``dtype``, ``quantization`` for LLaVA).  ``backend``
+    chooses the engine for LLaVA folders (engine.backends.vllm_engine.choose_backend); when vLLM
+    was asked for and cannot run, the pipeline's ``load_warnings`` says why.
     """
+    from .vllm_engine import choose_backend
+
     model_dir = Path(model_dir)
-    if backend_for(model_dir) == "llava":
+    family = backend_for(model_dir)
+    engine, warning = choose_backend(backend, family, device)
+    if engine == "vllm":
+        from .vllm_engine import VllmPipeline
+
+        pipeline = VllmPipeline.load(model_dir, dtype=options.get("dtype"))
+    elif family == "llava":
         from .llava import LlavaPipeline
 
-        return LlavaPipeline.load(model_dir, device=device, **options)
-    from engine.backends.rs_lvlm import RsLvlmPipeline
+        pipeline = LlavaPipeline.load(model_dir, device=device, **options)
+    else:
+        from engine.backends.rs_lvlm import RsLvlmPipeline
 
-    return RsLvlmPipeline.load(model_dir, device=device, **options)
+        pipeline = RsLvlmPipeline.load(model_dir, device=device, **options)
+    pipeline.load_warnings = [warning] if warning else []
+    return pipeline

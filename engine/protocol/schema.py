@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from engine.errors import BAD_REQUEST, EngineError
-from engine.tasks import PRECISIONS, SCAN_TASKS, TASKS, canonical_precision, canonical_task
+from engine.tasks import BACKENDS, PRECISIONS, SCAN_TASKS, TASKS, canonical_precision, canonical_task
 
 __all__ = ["Field", "ASK_FIELDS", "SCAN_FIELDS", "AskParams", "ScanParams", "validate", "add_arguments",
            "params_from_args", "MAX_QUESTION_CHARS", "MAX_WKT_CHARS", "MAX_PATH_CHARS", "MAX_HISTORY_TURNS"]
@@ -64,6 +64,8 @@ def _common(task_choices: tuple[str, ...], default_task: str) -> list[Field]:
         Field("region_wkt", "wkt", "a polygon region instead of --bbox", max_chars=MAX_WKT_CHARS),
         Field("model", "path", "checkpoint folder (default: the embedded model)"),
         Field("device", "choice", "auto | cpu | cuda", default="auto", choices=DEVICES),
+        Field("backend", "choice", "auto | transformers | vllm (LLaVA-family folders on CUDA)", default="auto",
+              choices=BACKENDS),
         Field("precision", "choice", "auto: float32 on CPU, bfloat16 on CUDA; int8: int8 decoding on CPU",
               default="auto", choices=PRECISIONS),
         Field("max_tokens", "int", "most tokens an answer may have", default=DEFAULT_MAX_TOKENS, low=1,
@@ -208,6 +210,7 @@ class AskParams:
     out_crs: str | None = None
     model: str | None = None
     device: str = "auto"
+    backend: str = "auto"
     precision: str = "auto"
     max_tokens: int = DEFAULT_MAX_TOKENS
     bands: list[int] | None = None
@@ -233,6 +236,7 @@ class ScanParams:
     region_wkt: str | None = None
     model: str | None = None
     device: str = "auto"
+    backend: str = "auto"
     precision: str = "auto"
     max_tokens: int = DEFAULT_MAX_TOKENS
     bands: list[int] | None = None
@@ -263,7 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser, table: tuple[Field, ...]) -> 
             kwargs.update(type=float)
         if field.default is not None and field.name not in ("task",):
             kwargs["default"] = field.default
-        if field.name == "device":
+        if field.name in ("device", "backend"):
             kwargs["choices"] = field.choices
         if field.required:
             kwargs["required"] = True
