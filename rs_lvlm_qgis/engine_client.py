@@ -16,6 +16,11 @@ Behaviour the dock relies on:
 * if the engine dies while requests are outstanding they fail with ``engine_died``, the engine
   is restarted and :attr:`EngineClient.restarted` tells the UI, so the question can be asked
   again; an engine that dies before ever answering is not restarted in a loop;
+* the engine's health is checked: while requests are outstanding a ``ping`` is sent every
+  ``ping_interval_s``; an engine that does not answer it within ``ping_timeout_s``, reports a
+  dead worker, or does not end a cancelled request within ``cancel_grace_s`` is *wedged* (alive
+  but never answering again): it is killed and restarted, and :attr:`EngineClient.restarted`
+  tells the analyst, so no later question queues forever behind it;
 * the child's environment is cleaned of QGIS's Python/GDAL/PROJ variables so the engine's own
   wheels are loaded (see :func:`child_environment`); its stderr goes to the QGIS message log.
 """
@@ -41,6 +46,9 @@ ENGINE_DIED = "engine_died"
 ENGINE_STOPPED = "engine_stopped"
 TIMEOUT = "timeout"
 SUPERSEDED = "superseded"
+
+# Methods the engine answers on its reading thread: while one runs, a ping waits behind it.
+_IMMEDIATE_METHODS = ("info", "ping", "cancel", "shutdown")
 
 _REMOVED_EXACT = {"PYTHONHOME", "PYTHONPATH", "LD_LIBRARY_PATH", "DYLD_LIBRARY_PATH",
                   "DYLD_FALLBACK_LIBRARY_PATH"}
@@ -109,8 +117,17 @@ class EngineClient(QObject):
 
     def __init__(self, python_resolver: Callable[[], Optional[str]],
                  engine_root: Optional[Path] = None, max_restarts: int = 3,
-                 parent: Optional[QObject] = None) -> None:
+                 parent: Optional[QObject] = None, *, ping_interval_s: float = 10.0,
+                 ping_timeout_s: float = 30.0, cancel_grace_s: float = 120.0) -> None:
         super().__init__(parent)
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
+        self.cancel_grace_s = cancel_grace_s
+        self._ping: Optional[tuple] = None  # (request id, time sent) of the health check in flight
+        self._last_ping = 0.0
+        self._cancelled: Dict[RequestId, float] = {}  # cancelled id -> when its end is overdue
+        self._cancel_targets: Dict[RequestId, RequestId] = {}  # cancel request id -> its target
+        self._wedged: Optional[str] = None  # why the current process is being killed
         self._resolve_python = python_resolver
         self._engine_root = engine_root or paths.engine_root()
         self._max_restarts = max_restarts
@@ -180,7 +197,7 @@ class EngineClient(QObject):
         req = req or self._current_ask
         if req is None or req.finished or req.id not in self._pending:
             return
-        self._send_internal("cancel", {"target": req.id})
+        self._send_cancel(req.id)
 
     def stop(self, wait_ms: int = 3000) -> None:
         """Shut the engine down politely, killing it if it does not exit in ``wait_ms``.
@@ -225,6 +242,10 @@ class EngineClient(QObject):
         self._stderr = b""
         self._answered = False
         self._stopping = False
+        self._wedged = None
+        self._ping = None
+        self._cancelled.clear()
+        self._cancel_targets.clear()
         QgsMessageLog.logMessage(f"Starting engine: {python} -m engine serve "
                                  f"(in {self._engine_root})", LOG_TAG, Qgis.Info)
         proc.start()
@@ -246,20 +267,27 @@ class EngineClient(QObject):
         else:
             self._outbox.append(data)  # flushed by _on_started
 
-    def _send_internal(self, method: str, params: Dict[str, Any]) -> None:
-        """A request whose reply nobody waits for (cancel, shutdown): its id is marked stale."""
+    def _send_internal(self, method: str, params: Dict[str, Any]) -> RequestId:
+        """A request whose reply nobody waits for (cancel, shutdown, ping): its id is marked stale."""
         request_id = self._next_id
         self._next_id += 1
         self._stale.add(request_id)
         self._send({"id": request_id, "method": method, "params": params})
+        return request_id
+
+    def _send_cancel(self, target: RequestId) -> None:
+        """Ask the engine to cancel ``target``; if it never ends it, the engine is wedged."""
+        self._cancelled.setdefault(target, time.monotonic() + self.cancel_grace_s)
+        self._cancel_targets[self._send_internal("cancel", {"target": target})] = target
+        self._timer.start()
 
     def _drop(self, req: EngineRequest, code: str, message: str) -> None:
         """Forget a request: fail it now, drop its late replies, and cancel it in the engine."""
         if req.id in self._pending:
             self._pending.pop(req.id)
             self._stale.add(req.id)
-            if req.method == "ask" and self.is_running():
-                self._send_internal("cancel", {"target": req.id})
+            if req.method not in _IMMEDIATE_METHODS and self.is_running():
+                self._send_cancel(req.id)
         req.finish_error(code, message)
 
     def _on_stdout(self, proc: QProcess) -> None:
@@ -295,6 +323,21 @@ class EngineClient(QObject):
         request_id = message.get("id")
         kind = message.get("type")
         terminal = kind in ("result", "error")
+        if request_id in self._cancelled:
+            if terminal:
+                self._cancelled.pop(request_id, None)
+            else:  # still working on it: the grace starts again
+                self._cancelled[request_id] = time.monotonic() + self.cancel_grace_s
+        if request_id in self._cancel_targets and terminal:
+            target = self._cancel_targets.pop(request_id)
+            result = message.get("result")
+            if not (isinstance(result, dict) and result.get("cancelled")):  # it had ended already
+                self._cancelled.pop(target, None)
+        if self._ping is not None and request_id == self._ping[0] and terminal:
+            self._ping = None
+            result = message.get("result")
+            if isinstance(result, dict) and result.get("worker_alive") is False:
+                self._restart_wedged("its worker thread died")
         if request_id in self._stale:
             if terminal:
                 self._stale.discard(request_id)
@@ -330,10 +373,20 @@ class EngineClient(QObject):
         how = "crashed" if status == QProcess.CrashExit else f"exited with status {code}"
         self._on_gone(proc, how)
 
+    def _restart_wedged(self, reason: str) -> None:
+        """Kill an engine that is alive but no longer answering; :meth:`_on_gone` restarts it."""
+        proc = self._process
+        if proc is None or self._wedged is not None or self._stopping:
+            return
+        self._wedged = reason
+        QgsMessageLog.logMessage(f"Engine wedged ({reason}); killing it.", LOG_TAG, Qgis.Warning)
+        proc.kill()
+
     def _on_gone(self, proc: QProcess, how: str, code: str = ENGINE_DIED) -> None:
         """The engine process ended: fail what was outstanding and restart if that is useful."""
         if proc is not self._process:
             return
+        wedged = self._wedged
         self._on_stdout(proc)  # replies written just before exiting still count
         self._on_stderr(proc)
         self._process = None
@@ -342,6 +395,18 @@ class EngineClient(QObject):
         self._pending.clear()
         self._stale.clear()
         self._outbox.clear()
+        self._cancelled.clear()
+        self._cancel_targets.clear()
+        self._ping = None
+        if wedged is not None and not self._stopping:
+            self._restarts += 1
+            message = (f"The engine stopped responding ({wedged}) and was restarted; ask again.")
+            for req in outstanding:
+                req.finish_error(ENGINE_DIED, message)
+            if self._restarts <= self._max_restarts:
+                self._start()
+            self.restarted.emit(message)
+            return
         if self._stopping:
             for req in outstanding:
                 req.finish_error(ENGINE_STOPPED, "The engine was stopped.")
@@ -372,5 +437,24 @@ class EngineClient(QObject):
         now = time.monotonic()
         for req in [r for r in self._pending.values() if r.deadline < now]:
             self._drop(req, TIMEOUT, f"The engine did not answer within {req.timeout_s:.0f} s.")
-        if not self._pending:
+        self._check_health(now)
+        if not self._pending and not self._cancelled and self._ping is None:
             self._timer.stop()
+
+    def _check_health(self, now: float) -> None:
+        """Ping while requests are outstanding; a missed ping or an unending cancel is a wedge."""
+        if not self.is_running() or self._wedged is not None:
+            return
+        overdue = [rid for rid, deadline in self._cancelled.items() if deadline < now]
+        if overdue:
+            self._restart_wedged(f"a cancelled request did not end within {self.cancel_grace_s:.0f} s")
+            return
+        if self._ping is not None:
+            if now - self._ping[1] > self.ping_timeout_s:
+                self._restart_wedged(f"no answer to a health check within {self.ping_timeout_s:.0f} s")
+            return
+        # The reading thread is busy while an immediate method (info loading a model) runs.
+        busy = any(r.method in _IMMEDIATE_METHODS for r in self._pending.values())
+        if self._pending and self._answered and not busy and now - self._last_ping >= self.ping_interval_s:
+            self._last_ping = now
+            self._ping = (self._send_internal("ping", {}), now)

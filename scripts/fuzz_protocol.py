@@ -243,7 +243,8 @@ def run(lines: int, seed: int, batch: int, wedge_timeout_s: float, real_ask: boo
     scratch = Path(tempfile.mkdtemp(prefix="rs_lvlm_fuzz_"))
     hostile = Hostile(seed, scratch)
     stats = {"lines_sent": 0, "replies": 0, "deaths": 0, "wedges": 0, "non_strict_replies": 0, "unanswered_lines": 0,
-             "extra_final_replies": 0, "internal_errors": 0, "codes": {}, "examples": []}
+             "extra_final_replies": 0, "internal_errors": 0, "codes": {}, "examples": [],
+             "internal_examples": []}
     server = LiveServer(stderr_path=log_path)
     t0 = time.monotonic()
     sentinel = 0
@@ -261,6 +262,8 @@ def run(lines: int, seed: int, batch: int, wedge_timeout_s: float, real_ask: boo
                 code = reply["error"]["code"]
                 stats["codes"][code] = stats["codes"].get(code, 0) + 1
                 stats["internal_errors"] += code == "internal"
+                if code == "internal" and len(stats["internal_examples"]) < 10:
+                    stats["internal_examples"].append(reply["error"]["message"][:200])
 
     while stats["lines_sent"] < lines:
         finals = [0]

@@ -179,3 +179,60 @@ def test_interpreter_that_cannot_start_reports_engine_missing():
     assert req.error[0] == "engine_missing"
     assert "settings" in req.error[1]
     assert not client.is_running()
+
+
+def _healthy_client(**health) -> EngineClient:
+    """A client whose engine has answered once (health checks start after a first answer)."""
+    client = EngineClient(lambda: str(ENGINE_PYTHON), **health)
+    assert finished(client.request("info", {"load_model": False})).error is None
+    return client
+
+
+def test_a_frozen_engine_misses_its_health_check_and_is_restarted_with_a_message(tmp_path):
+    client = _healthy_client(ping_interval_s=0.2, ping_timeout_s=2.0)
+    messages = []
+    client.restarted.connect(messages.append)
+    try:
+        old_pid = client.process_id()
+        os.kill(old_pid, signal.SIGSTOP)  # alive but answering nothing: a wedged engine
+        req = client.ask({"raster": str(tmp_path / "none.tif"), "task": "caption"}, timeout_s=600)
+        finished(req, 60)
+        assert req.error[0] == "engine_died" and "stopped responding" in req.error[1]
+        assert messages and "health check" in messages[0]
+        assert wait_until(lambda: client.process_id() not in (0, old_pid), 30)
+        again = finished(client.request("info", {"load_model": False}))
+        assert again.error is None
+    finally:
+        client.stop()
+
+
+def test_a_cancelled_request_the_engine_never_ends_restarts_the_engine(tmp_path):
+    client = _healthy_client(ping_interval_s=1000.0, cancel_grace_s=1.0)
+    messages = []
+    client.restarted.connect(messages.append)
+    try:
+        old_pid = client.process_id()
+        os.kill(old_pid, signal.SIGSTOP)
+        req = client.ask({"raster": str(tmp_path / "none.tif"), "task": "caption"}, timeout_s=600)
+        client.cancel(req)
+        finished(req, 60)
+        assert req.error[0] == "engine_died" and messages and "cancelled request" in messages[0]
+        assert wait_until(lambda: client.process_id() not in (0, old_pid), 30)
+    finally:
+        client.stop()
+
+
+def test_a_cancel_that_lands_or_arrives_late_never_restarts_a_healthy_engine(tmp_path):
+    client = _healthy_client(ping_interval_s=0.2, ping_timeout_s=5.0, cancel_grace_s=1.0)
+    messages = []
+    client.restarted.connect(messages.append)
+    try:
+        pid = client.process_id()
+        for _ in range(3):
+            req = client.ask({"raster": str(tmp_path / "none.tif"), "task": "caption"})
+            client.cancel(req)
+            finished(req, 60)
+        wait_until(lambda: bool(messages), 3)  # longer than the cancel grace
+        assert messages == [] and client.process_id() == pid
+    finally:
+        client.stop()
