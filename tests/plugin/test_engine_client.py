@@ -188,34 +188,35 @@ def _healthy_client(**health) -> EngineClient:
     return client
 
 
+def _frozen_ask(client: EngineClient, tmp_path: Path, cancel: bool = False):
+    """Freeze the engine (alive, answering nothing: wedged), ask, maybe cancel; wait for the end."""
+    messages: list = []
+    client.restarted.connect(messages.append)
+    old_pid = client.process_id()
+    os.kill(old_pid, signal.SIGSTOP)
+    req = client.ask({"raster": str(tmp_path / "none.tif"), "task": "caption"}, timeout_s=600)
+    if cancel:
+        client.cancel(req)
+    finished(req, 60)
+    return req, messages, old_pid
+
+
 def test_a_frozen_engine_misses_its_health_check_and_is_restarted_with_a_message(tmp_path):
     client = _healthy_client(ping_interval_s=0.2, ping_timeout_s=2.0)
-    messages = []
-    client.restarted.connect(messages.append)
     try:
-        old_pid = client.process_id()
-        os.kill(old_pid, signal.SIGSTOP)  # alive but answering nothing: a wedged engine
-        req = client.ask({"raster": str(tmp_path / "none.tif"), "task": "caption"}, timeout_s=600)
-        finished(req, 60)
+        req, messages, old_pid = _frozen_ask(client, tmp_path)
         assert req.error[0] == "engine_died" and "stopped responding" in req.error[1]
         assert messages and "health check" in messages[0]
         assert wait_until(lambda: client.process_id() not in (0, old_pid), 30)
-        again = finished(client.request("info", {"load_model": False}))
-        assert again.error is None
+        assert finished(client.request("info", {"load_model": False})).error is None
     finally:
         client.stop()
 
 
 def test_a_cancelled_request_the_engine_never_ends_restarts_the_engine(tmp_path):
     client = _healthy_client(ping_interval_s=1000.0, cancel_grace_s=1.0)
-    messages = []
-    client.restarted.connect(messages.append)
     try:
-        old_pid = client.process_id()
-        os.kill(old_pid, signal.SIGSTOP)
-        req = client.ask({"raster": str(tmp_path / "none.tif"), "task": "caption"}, timeout_s=600)
-        client.cancel(req)
-        finished(req, 60)
+        req, messages, old_pid = _frozen_ask(client, tmp_path, cancel=True)
         assert req.error[0] == "engine_died" and messages and "cancelled request" in messages[0]
         assert wait_until(lambda: client.process_id() not in (0, old_pid), 30)
     finally:
