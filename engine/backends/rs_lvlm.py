@@ -40,6 +40,7 @@ def generate(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attenti
                     on_token=on_token, should_stop=should_stop, do_sample=do_sample, temperature=temperature,
                     top_p=top_p, generator=generator)
     result.retrieved = steps.retrieved
+    result.detections = steps.detections
     return result
 
 
@@ -123,6 +124,7 @@ class RsLvlmPipeline:
         ``history`` holds earlier ``{"question", "answer"}`` turns on the same region."""
         from engine.model.image_processing import preprocess_images
         from engine.model.prompts import build_prompt, default_question
+        from engine.model.references import resolve_references
 
         t0 = time.perf_counter()
         asked = split_task_token(question)[1] or default_question(task)
@@ -147,10 +149,18 @@ class RsLvlmPipeline:
                           int8=self.int8_decode)
         t_gen = time.perf_counter()
         answers = []
+        detections = getattr(result, "detections", None)
         for i, text in enumerate(result.texts):
             text = text.strip()
+            referenced = None
+            if detections is not None and "<obj" in text:
+                # Grounding by reference: <obj k> -> detection k's box text; its score is the box's.
+                text, referenced = resolve_references(text, detections[0][i].tolist(), detections[1][i].tolist())
             boxes = parse_boxes(text) if task == "ground" or "{<" in text else []
-            scores = box_scores(result.texts[i], result.token_ends[i], result.logprobs[i], boxes)
+            if referenced is not None and len(referenced) == len(boxes):
+                scores = [r.score for r in referenced]
+            else:
+                scores = box_scores(result.texts[i], result.token_ends[i], result.logprobs[i], boxes)
             answers.append(Answer(text=text, boxes=boxes, box_scores=scores,
                                   retrieved=self._retrieved_for(result.retrieved, i), stopped_reason=result.stopped_reason,
                                   prompt_question=asked))

@@ -13,6 +13,7 @@ any item can be regenerated alone; ``iter_samples`` draws evaluation samples fro
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -22,12 +23,13 @@ from PIL import Image
 from engine.grounding import GridBox, format_grounded, pixels_to_grid
 from .captions import SCENE_NOUN, caption_for
 from .scene_generator import (
-    LAND_COVER_CLASSES, OBJECT_CLASSES, SCENE_CLASSES, Scene, SceneObject, generate_scene,
+    COLOUR_NAMES, LAND_COVER_CLASSES, OBJECT_CLASSES, SCENE_CLASSES, SIZE_NAMES, Scene, SceneObject,
+    generate_scene,
 )
 
 __all__ = [
     "TASKS", "VQA_QTYPES", "EVAL_STREAM", "Sample", "object_grid_box", "position_word",
-    "knowledge_targets", "make_sample", "make_samples", "SyntheticInstructionDataset",
+    "knowledge_targets", "named_classes", "object_annotations", "make_sample", "make_samples", "SyntheticInstructionDataset",
     "iter_samples", "plural", "article",
 ]
 
@@ -99,14 +101,38 @@ def position_word(cx: float, cy: float, size: float) -> str | None:
     return "top" if dy < 0 else "bottom"
 
 
-def knowledge_targets(scene: Scene) -> dict[str, list[str]]:
-    """Knowledge-base entries relevant to the scene, per semantic level."""
+def named_classes(question: str, classes: tuple[str, ...] = OBJECT_CLASSES) -> list[str]:
+    """The classes a question names ("How many airplanes ...?" -> ["airplane"])."""
+    q = question.lower()
+    return [c for c in classes if re.search(rf"\b{re.escape(c)}s?\b", q)]
+
+
+def knowledge_targets(scene: Scene, question: str = "") -> dict[str, list[str]]:
+    """Knowledge-base entries relevant to the question about the scene, per semantic level.
+
+    Why the question decides: retrieval trained to find *any* present class settles on the
+    commonest (building, vehicle) whatever is asked.  The object level's targets are the object
+    classes the question names, the region level's the land covers it names; a question naming
+    none (captions, scene questions) targets what is present (objects, land cover over 10 %).
+    The scene level's target is always the scene class."""
     present = {o.cls for o in scene.objects}
+    lc_named = [c for c in LAND_COVER_CLASSES
+                if re.search(rf"\b{re.escape(LC_PHRASE[c].split()[0])}\b", question.lower())]
     return {
         "scene": [scene.scene_class],
-        "object": [c for c in OBJECT_CLASSES if c in present],
-        "region": [c for c in LAND_COVER_CLASSES if scene.land_cover_fractions.get(c, 0.0) > 0.1],
+        "object": named_classes(question) or [c for c in OBJECT_CLASSES if c in present],
+        "region": lc_named or [c for c in LAND_COVER_CLASSES if scene.land_cover_fractions.get(c, 0.0) > 0.1],
     }
+
+
+def object_annotations(scene: Scene) -> np.ndarray:
+    """(n, 7) float32 rows of normalised x1, y1, x2, y2 and the class, colour and size indices
+    of every object: the detector's dense supervision."""
+    size = float(scene.size)
+    rows = [[o.box[0] / size, o.box[1] / size, o.box[2] / size, o.box[3] / size, OBJECT_CLASSES.index(o.cls),
+             COLOUR_NAMES.index(o.colour) if o.colour in COLOUR_NAMES else -1,
+             SIZE_NAMES.index(o.size) if o.size in SIZE_NAMES else -1] for o in scene.objects]
+    return np.asarray(rows, dtype=np.float32).reshape(-1, 7)
 
 
 def _by_class(scene: Scene) -> dict[str, list[SceneObject]]:
@@ -250,8 +276,7 @@ def _comparison(scene: Scene, rng: np.random.Generator) -> QA | None:
 
 def _scene_q(scene: Scene, rng: np.random.Generator) -> QA:
     if rng.random() < 0.6:
-        q = ["What kind of area is shown in this image?", "What type of place is this?",
-             "Which scene category best describes this image?"]
+        q = SCENE_QUESTIONS
         return q[int(rng.integers(len(q)))], scene.scene_class
     other = scene.scene_class if rng.random() < 0.5 else str(rng.choice(SCENE_CLASSES))
     return f"Is this {SCENE_NOUN[other]}?", "yes" if other == scene.scene_class else "no"
@@ -291,7 +316,7 @@ def _ground(scene: Scene, rng: np.random.Generator, oriented: bool
                 desc, o = got
                 box = object_grid_box(o, size, oriented)
                 q = [f"[refer] Where is the {desc}?", f"[refer] Give the location of the {desc}.",
-                     f"[refer] Locate the {desc}."]
+                     f"[refer] Locate the {desc}.", f"the {desc}", f"{desc}"]
                 return (q[int(rng.integers(len(q)))], format_grounded([(o.cls, [box])]),
                         "ground_ref", [box])
     small = [c for c in classes if len(groups[c]) <= 4]
@@ -300,10 +325,10 @@ def _ground(scene: Scene, rng: np.random.Generator, oriented: bool
         boxes = [object_grid_box(o, size, oriented)
                  for o in sorted(groups[c], key=lambda o: (o.box[1], o.box[0]))]
         if len(boxes) == 1:
-            q = [f"[grounding] Locate the {c}.", f"[grounding] Where is the {c}?"]
+            q = [f"[grounding] Locate the {c}.", f"[grounding] Where is the {c}?", c, f"the {c}"]
         else:
             q = [f"[grounding] Locate all {plural(c)}.", f"[grounding] Where are the {plural(c)}?",
-                 f"[grounding] Find every {c} in the image."]
+                 f"[grounding] Find every {c} in the image.", plural(c), f"all {plural(c)}"]
         return q[int(rng.integers(len(q)))], format_grounded([(c, boxes)]), "ground_all", boxes
     o = max(scene.objects, key=lambda o: o.area)  # fallback: the largest object of its class
     box = object_grid_box(o, size, oriented)
@@ -313,34 +338,49 @@ def _ground(scene: Scene, rng: np.random.Generator, oriented: bool
 
 # --- samples --------------------------------------------------------------------------------
 
-_CLASSIFY_Q = ("What type of scene is this?", "Classify this image.",
-               "Which scene class does this image belong to?",
-               "[classify] What is the scene category of this image?")
+SCENE_QUESTIONS: tuple[str, ...] = (
+    "What type of scene is this?", "What kind of area is shown in this image?", "What type of place is this?",
+    "Which scene category best describes this image?", "Which scene class does this image belong to?",
+    "What is the scene category of this image?", "What is this place?", "What kind of scene is shown?",
+    "Classify this image.", "What does this area look like: which scene class?",
+)
+"""Scene-class questions, shared by the classify task and the VQA scene type: a wording learnt
+in one task is understood in the other (measured: wordings seen only in one task failed)."""
+_CLASSIFY_Q = SCENE_QUESTIONS + ("[classify] What is the scene category of this image?",)
 
 
 def make_sample(scene: Scene, rng: np.random.Generator, task: str,
-                image: np.ndarray | None = None, oriented: bool = False) -> Sample:
+                image: np.ndarray | None = None, oriented: bool = False,
+                qtypes: tuple[str, ...] = VQA_QTYPES) -> Sample:
     """One sample of ``task`` about ``scene``; ``image`` replaces the scene's image (e.g. the
-    downsampled model input) and grid boxes do not depend on it."""
+    downsampled model input) and grid boxes do not depend on it.  A VQA sample draws its type
+    from ``qtypes`` first (training oversamples colour, position and counting this way)."""
     img = scene.image if image is None else image
-    kt = knowledge_targets(scene)
-    meta = {"scene_class": scene.scene_class}
+    sample = _make_sample(scene, rng, task, img, oriented, qtypes)
+    sample.knowledge_targets = knowledge_targets(scene, sample.question)
+    sample.meta.update(scene_class=scene.scene_class, asked_classes=named_classes(sample.question),
+                       objects=object_annotations(scene), land_cover=scene.land_cover)
+    return sample
+
+
+def _make_sample(scene: Scene, rng: np.random.Generator, task: str, img: np.ndarray, oriented: bool,
+                 qtypes: tuple[str, ...]) -> Sample:
     if task == "classify":
         q = _CLASSIFY_Q[int(rng.integers(len(_CLASSIFY_Q)))]
-        return Sample(img, task, q, scene.scene_class, "classify", kt, meta=meta)
+        return Sample(img, task, q, scene.scene_class, "classify", {})
     if task == "caption":
         level = str(rng.choice(["brief", "medium", "detailed"], p=[0.25, 0.4, 0.35]))
         q, answer, refs = caption_for(scene, level, rng)
-        return Sample(img, task, q, answer, f"caption_{level}", kt, references=refs, meta=meta)
+        return Sample(img, task, q, answer, f"caption_{level}", {}, references=refs)
     if task == "vqa":
-        for qt in rng.permutation(VQA_QTYPES):
+        for qt in list(rng.permutation(qtypes)) + list(rng.permutation(VQA_QTYPES)):
             qa = _VQA[str(qt)](scene, rng)
             if qa is not None:
-                return Sample(img, task, qa[0], qa[1], str(qt), kt, meta=meta)
+                return Sample(img, task, qa[0], qa[1], str(qt), {})
         raise AssertionError("presence questions are always possible")  # pragma: no cover
     if task == "ground":
         q, answer, qtype, boxes = _ground(scene, rng, oriented)
-        return Sample(img, task, q, answer, qtype, kt, boxes=boxes, meta=meta)
+        return Sample(img, task, q, answer, qtype, {}, boxes=boxes)
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 

@@ -25,8 +25,8 @@ VARIANTS = {
     "+experts": {"use_sam": False, "use_experts": True},
     "full": {"use_sam": True, "use_experts": True},
 }
-METRICS = ("scene_accuracy", "vqa_accuracy", "grounding_acc50", "grounding_mean_iou", "caption_bleu4",
-           "caption_cider")
+METRICS = ("scene_accuracy", "vqa_accuracy", "grounding_acc50", "grounding_acc70", "grounding_mean_iou",
+           "caption_bleu4", "caption_cider")
 
 
 def run(config_path: Path, budget_min: float, seeds: list[int], n_eval: int, eval_seed: int,
@@ -42,8 +42,11 @@ def run(config_path: Path, budget_min: float, seeds: list[int], n_eval: int, eva
                      "runs": []}
     for variant in variants:
         for seed in seeds:
+            base = TrainConfig.from_file(config_path)
+            # The detector's warm-up keeps its share of the run at any budget.
+            warmup = base.detector_warmup_min * budget_min / max(base.time_budget_min, 1e-9)
             config = TrainConfig.from_file(config_path, time_budget_min=budget_min, seed=seed, data_seed=seed,
-                                           **VARIANTS[variant])
+                                           detector_warmup_min=warmup, **VARIANTS[variant])
             name = f"{variant.replace('+', 'plus-')}-s{seed}"
             state_dir = runs_dir / name / "state"
             if tokenizer_from is not None and (tokenizer_from / "tokenizer.json").is_file():
@@ -58,6 +61,7 @@ def run(config_path: Path, budget_min: float, seeds: list[int], n_eval: int, eva
                                     "minutes": round((time.perf_counter() - t0) / 60, 1),
                                     **{m: scores.get(m) for m in METRICS},
                                     "retrieval_hit_rate": scores.get("retrieval_hit_rate"),
+                                    "retrieval_asked": scores.get("retrieval_asked"),
                                     "vqa_per_type": scores.get("vqa_per_type")})
             log.info("%s seed %d: %s", variant, seed, {m: scores.get(m) for m in METRICS})
     results["summary"] = summarise(results["runs"])

@@ -111,7 +111,7 @@ def match_boxes(pred: Sequence[GridBox], ref: Sequence[GridBox]) -> list[float]:
 
 
 def grounding_scores(pred_texts: Sequence[str], ref_boxes: Sequence[Sequence[GridBox]]) -> dict:
-    """``{"acc@0.5", "mean_iou", "n"}`` over all reference boxes.
+    """``{"acc@0.5", "acc@0.7", "mean_iou", "n"}`` over all reference boxes.
 
     Each prediction text is parsed with :func:`engine.grounding.parse_boxes`; predicted and
     reference boxes of a sample are matched greedily by IoU.  Acc@0.5 is the fraction of
@@ -127,6 +127,7 @@ def grounding_scores(pred_texts: Sequence[str], ref_boxes: Sequence[Sequence[Gri
     n = len(ious)
     return {
         "acc@0.5": (sum(i >= 0.5 for i in ious) / n) if n else 0.0,
+        "acc@0.7": (sum(i >= 0.7 for i in ious) / n) if n else 0.0,
         "mean_iou": (sum(ious) / n) if n else 0.0,
         "n": n,
     }

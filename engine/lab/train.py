@@ -24,6 +24,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.paths import KNOWLEDGE_DIR
+from .batches import DEFAULT_TASK_MIX, Collator, SampleStream, SceneStream
+
 log = logging.getLogger("engine.lab.train")
 
 
@@ -53,6 +56,13 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 1
     extra_ground_per_scene: int = 0   # oversample the hardest task: extra grounding samples per scene
+    # samples per scene and task (overrides the one-of-each default; extra_ground adds to "ground")
+    task_mix: dict = field(default_factory=dict)
+    vqa_qtypes: list = field(default_factory=list)   # VQA types drawn first (oversampling)
+    # object-centric model: train the detector alone (dense boxes, no language) for this long
+    # first, on batches of detector_batch_size scenes; its detections then feed the object tokens.
+    detector_warmup_min: float = 0.0
+    detector_batch_size: int = 16
 
     @classmethod
     def from_file(cls, path: Path, **overrides) -> "TrainConfig":
@@ -64,38 +74,24 @@ class TrainConfig:
         return cls(**data)
 
 
+DEFAULT_INDEX_DIR = KNOWLEDGE_DIR / "index"
+"""The shipped knowledge index every run trains against (and copies into its checkpoint)."""
+
+
+def knowledge_classes():
+    """(KnowledgeBase, SentenceEncoder) from the knowledge package (its module layout is the
+    package's business; older trees only had them in knowledge_base)."""
+    try:
+        from engine.knowledge import KnowledgeBase, SentenceEncoder
+    except ImportError:   # the package before it re-exported its names
+        from engine.knowledge.knowledge_base import KnowledgeBase, SentenceEncoder
+    return KnowledgeBase, SentenceEncoder
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-class SampleStream(torch.utils.data.IterableDataset):
-    """An endless, deterministic stream of training samples rendered on the fly.
-
-    Scenes are rendered in a DataLoader worker while the main process trains, so data costs no
-    training time on two cores; a fresh scene for every sample keeps a tiny model from memorising.
-    """
-
-    def __init__(self, data_seed: int, n_scenes: int, image_size: int, start_scene: int = 0,
-                 extra_ground: int = 0) -> None:
-        self.data_seed, self.n_scenes, self.image_size, self.start_scene = data_seed, n_scenes, image_size, start_scene
-        self.extra_ground = extra_ground
-
-    def __iter__(self) -> Iterator:
-        from engine.data.instructions import SyntheticInstructionDataset
-
-        dataset = SyntheticInstructionDataset(seed=self.data_seed, n_scenes=self.n_scenes, image_size=self.image_size)
-        from engine.data.instructions import make_sample
-
-        i = self.start_scene
-        while True:
-            samples = dataset[i % self.n_scenes]
-            if self.extra_ground:
-                scene, rng = dataset.scene(i % self.n_scenes)
-                samples += [make_sample(scene, rng, "ground", samples[0].image) for _ in range(self.extra_ground)]
-            yield from samples
-            i += 1
 
 
 def tokenizer_corpus(config: TrainConfig, image_size: int, kb_entries: list) -> Iterator[str]:
@@ -111,53 +107,6 @@ def tokenizer_corpus(config: TrainConfig, image_size: int, kb_entries: list) -> 
             yield sample.answer
     for entry in kb_entries:
         yield f"{entry.name}: {entry.definition}"
-
-
-class Collator:
-    """Turns samples into model tensors: images, left-padded token ids, labels, retrieval targets."""
-
-    def __init__(self, tokenizer, image_size: int, knowledge, question_encoder) -> None:
-        self.tokenizer, self.image_size, self.knowledge = tokenizer, image_size, knowledge
-        self.question_encoder = question_encoder
-        self._question_cache: dict[str, np.ndarray] = {}
-
-    def question_embeds(self, questions: list[str]) -> torch.Tensor:
-        missing = [q for q in dict.fromkeys(questions) if q not in self._question_cache]
-        if missing:
-            for q, v in zip(missing, self.question_encoder.encode(missing)):
-                self._question_cache[q] = v
-            if len(self._question_cache) > 200_000:
-                self._question_cache.clear()
-        return torch.from_numpy(np.stack([self._question_cache[q] for q in questions]))
-
-    def __call__(self, samples: list) -> dict:
-        from engine.model.image_processing import preprocess_images
-        from engine.model.prompts import encode_example
-
-        encoded = [encode_example(self.tokenizer, s.task, s.question, s.answer) for s in samples]
-        length = max(len(ids) for ids, _ in encoded)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
-        labels = torch.full((len(samples), length), -100, dtype=torch.long)
-        attention = torch.zeros((len(samples), length), dtype=torch.long)
-        for row, (ids, labs) in enumerate(encoded):  # left padding, as in generation
-            input_ids[row, length - len(ids):] = torch.tensor(ids)
-            labels[row, length - len(labs):] = torch.tensor(labs)
-            attention[row, length - len(ids):] = 1
-        targets = {}
-        n = len(self.knowledge.level_ids)
-        for level in ("object", "region", "scene"):
-            t = torch.zeros((len(samples), n))
-            for row, s in enumerate(samples):
-                for name in s.knowledge_targets.get(level, []):
-                    idx = self.knowledge.id_of_name(name, level)
-                    if idx is not None and idx >= 0:
-                        t[row, idx] = 1.0
-            targets[level] = t
-        return {"pixel_values": preprocess_images([s.image for s in samples], self.image_size),
-                "input_ids": input_ids, "attention_mask": attention, "labels": labels,
-                "question_embeds": self.question_embeds([s.question for s in samples]),
-                "retrieval_targets": targets}
 
 
 def lr_at(step: int, config: TrainConfig, progress: float) -> float:
@@ -208,21 +157,29 @@ def load_train_state(run_dir: Path, model, optimizer) -> tuple[int, int, float]:
     return counters["step"], counters["scenes_seen"], counters["elapsed_s"]
 
 
-def build_model(config: TrainConfig, tokenizer, knowledge, device: str):
+def model_config_for(config: TrainConfig, tokenizer):
+    """The model's config: the preset, the run's switches and the tokenizer's special ids."""
     from engine.model.config import RsLvlmConfig
-    from engine.model.modeling_rs_lvlm import RsLvlmForConditionalGeneration
 
     model_config = RsLvlmConfig.preset(config.preset, vocab_size=len(tokenizer), use_sam=config.use_sam,
-                                       use_experts=config.use_experts, **config.model_overrides)
+                                       use_experts=config.use_experts,
+                                       retrieval_loss_weight=config.retrieval_loss_weight, **config.model_overrides)
     if not model_config.name:
         model_config.name = f"rs-lvlm-{config.preset}"
-    for attr in ("pad_token_id", "bos_token_id", "eos_token_id", "image_token_id"):
-        if hasattr(model_config, attr):
-            token = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                     "eos_token_id": tokenizer.eos_token_id,
-                     "image_token_id": tokenizer.convert_tokens_to_ids("<image>")}[attr]
-            setattr(model_config, attr, token)
+    model_config.pad_token_id = tokenizer.pad_token_id
+    model_config.bos_token_id = tokenizer.bos_token_id
+    model_config.eos_token_id = tokenizer.eos_token_id
+    model_config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     model_config.grid_token_start = tokenizer.convert_tokens_to_ids("<0>")
+    obj0 = tokenizer.convert_tokens_to_ids("<obj0>")
+    model_config.object_token_start = obj0 if obj0 is not None and obj0 != tokenizer.unk_token_id else None
+    return model_config
+
+
+def build_model(config: TrainConfig, tokenizer, knowledge, device: str):
+    from engine.model.modeling_rs_lvlm import RsLvlmForConditionalGeneration
+
+    model_config = model_config_for(config, tokenizer)
     model = RsLvlmForConditionalGeneration(model_config, torch.from_numpy(np.asarray(knowledge.embeddings)),
                                            torch.as_tensor(np.asarray(knowledge.level_ids), dtype=torch.long))
     return model.to(device)
@@ -233,14 +190,13 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
     from tqdm import tqdm
 
     from engine.device import resolve_device
-    from engine.knowledge.knowledge_base import DEFAULT_INDEX_DIR, KnowledgeBase, SentenceEncoder
-    from engine.model.checkpoint import save_checkpoint
     from engine.model.tokenizer import build_tokenizer, load_tokenizer
 
     set_seed(config.seed)
     device = resolve_device(config.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    KnowledgeBase, SentenceEncoder = knowledge_classes()
     knowledge = KnowledgeBase.load(DEFAULT_INDEX_DIR)
     from engine.model.config import RsLvlmConfig
 
@@ -262,14 +218,7 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
     if resume and (run_dir / "train_state.safetensors").is_file():
         step, scenes_seen, elapsed = load_train_state(run_dir, model, optimizer)
         log.info("resumed from step %d (%.1f min)", step, elapsed / 60)
-    collate = Collator(tokenizer, image_size, knowledge, SentenceEncoder())
-    # A resumed run continues on scenes it has not seen (deterministic for a given resume point).
-    stream = SampleStream(config.data_seed, config.n_scenes, image_size, start_scene=scenes_seen,
-                          extra_ground=config.extra_ground_per_scene)
-    loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, collate_fn=lambda s: s,
-                                         worker_init_fn=lambda _: torch.set_num_threads(1),
-                                         num_workers=config.num_workers, prefetch_factor=4 if config.num_workers else None,
-                                         persistent_workers=False)
+    collate = Collator(tokenizer, model.config, knowledge, SentenceEncoder())
     budget_s = config.time_budget_min * 60
     log_path = run_dir / "loss_log.jsonl"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
@@ -277,39 +226,107 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
     bar = tqdm(total=config.max_steps, initial=step, desc="train", file=sys.stderr, mininterval=5, dynamic_ncols=True)
     started = time.perf_counter() - elapsed
     window: list[float] = []
-    for samples in loader:
-        if step >= config.max_steps or time.perf_counter() - started >= budget_s:
-            break
-        batch = collate(samples)
-        batch = {k: ({lk: lv.to(device) for lk, lv in v.items()} if isinstance(v, dict) else v.to(device))
-                 for k, v in batch.items()}
-        progress = max(step / config.max_steps, (time.perf_counter() - started) / budget_s)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config, progress)
-        with autocast:
-            out = model(**batch)
-        loss = out.lm_loss + (config.retrieval_loss_weight * out.retrieval_loss
-                              if out.retrieval_loss is not None else 0.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        scenes_seen += len(samples)
-        window.append(float(loss.detach()))
-        bar.update(1)
-        if step % config.log_every == 0:
-            record = {"step": step, "loss": float(np.mean(window)), "lm_loss": float(out.lm_loss),
-                      "retrieval_loss": float(out.retrieval_loss) if out.retrieval_loss is not None else None,
-                      "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.perf_counter() - started, 1)}
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-            window.clear()
-        if step % config.save_every == 0:
-            save_train_state(run_dir, model, optimizer, step, scenes_seen, time.perf_counter() - started)
+    warmup_s = config.detector_warmup_min * 60 if model.config.vision_backbone == "centernet" else 0.0
+    for phase in ("detector", "all"):
+        if phase == "detector" and time.perf_counter() - started >= warmup_s:
+            continue
+        # A resumed run continues on scenes it has not seen (deterministic for a given resume point).
+        if phase == "detector":
+            stream, batch_size = SceneStream(config.data_seed, config.n_scenes, image_size, scenes_seen), \
+                config.detector_batch_size
+        else:
+            stream, batch_size = SampleStream(config.data_seed, config.n_scenes, image_size, scenes_seen,
+                                              task_mix(config), tuple(config.vqa_qtypes)), config.batch_size
+        loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=_as_list,
+                                             worker_init_fn=_one_thread, num_workers=config.num_workers,
+                                             prefetch_factor=4 if config.num_workers else None)
+        for samples in loader:
+            now = time.perf_counter() - started
+            if step >= config.max_steps or now >= budget_s or (phase == "detector" and now >= warmup_s):
+                break
+            progress = max(step / config.max_steps, now / budget_s)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config, progress)
+            with autocast:
+                out = _forward(model, collate, samples, device, detector_only=phase == "detector")
+            _optimise(model, optimizer, out.loss)
+            step += 1
+            scenes_seen += len(samples)
+            window.append(float(out.loss.detach()))
+            bar.update(1)
+            if step % config.log_every == 0:
+                record = {"step": step, "phase": phase, "loss": float(np.mean(window)),
+                          **{name: float(getattr(out, name)) for name in ("lm_loss", "retrieval_loss", "detection_loss")
+                             if getattr(out, name, None) is not None},
+                          "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.perf_counter() - started, 1)}
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                window.clear()
+            if step % config.save_every == 0:
+                save_train_state(run_dir, model, optimizer, step, scenes_seen, time.perf_counter() - started)
     bar.close()
-    elapsed = time.perf_counter() - started
+    return _finish(model, optimizer, tokenizer, config, device, run_dir, out_dir, step, scenes_seen,
+                   time.perf_counter() - started)
+
+
+def _as_list(samples: list) -> list:
+    return samples
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def task_mix(config: TrainConfig) -> dict[str, int]:
+    """Samples per scene and task: the config's mix (default one of each) plus extra grounding."""
+    mix = dict(config.task_mix or DEFAULT_TASK_MIX)
+    mix["ground"] = mix.get("ground", 0) + config.extra_ground_per_scene
+    return mix
+
+
+class _DetectorOutput:
+    """What a detector-only step returns (the loss and its one term)."""
+
+    def __init__(self, loss: torch.Tensor) -> None:
+        self.loss = self.detection_loss = loss
+
+
+def _forward(model, collate: Collator, samples: list, device: str, detector_only: bool):
+    """One batch through the model (nanoGPT style: the model returns its own loss)."""
+    if detector_only:
+        from engine.model.detector import detection_loss
+        from engine.model.image_processing import preprocess_images
+
+        pixels = preprocess_images([s.image for s in samples], collate.image_size).to(device)
+        targets = collate.detection_targets(samples)
+        targets = type(targets)(*(t.to(device) for t in targets))
+        return _DetectorOutput(detection_loss(model.vision.detector(pixels), targets))
+    batch = collate(samples)
+    moved = {}
+    for k, v in batch.items():
+        if isinstance(v, dict):
+            moved[k] = {lk: lv.to(device) for lk, lv in v.items()}
+        elif isinstance(v, tuple):
+            moved[k] = type(v)(*(t.to(device) for t in v))
+        else:
+            moved[k] = v.to(device)
+    return model(**moved)
+
+
+def _optimise(model, optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def _finish(model, optimizer, tokenizer, config: TrainConfig, device: str, run_dir: Path, out_dir: Path,
+            step: int, scenes_seen: int, elapsed: float) -> dict:
+    """Save the resumable state and the checkpoint folder with its summary and loss log."""
+    from engine.model.checkpoint import save_checkpoint
+
+    log_path = run_dir / "loss_log.jsonl"
     save_train_state(run_dir, model, optimizer, step, scenes_seen, elapsed)
     model.eval()
     if out_dir.exists():

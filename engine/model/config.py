@@ -84,6 +84,19 @@ class RsLvlmConfig:
     region_pool: int = 2          # region tokens = region-layer patches average-pooled k x k
     scene_grid: int = 2           # scene tokens = [class token, global mean, g x g pooled grid]
     num_levels: int = 3
+    # "vit": the CLIP-layout ViT read at three depths (LLaVA-compatible); "centernet": the
+    # object-centric encoder (engine.model.object_vision): detections are the object tokens.
+    vision_backbone: str = "vit"
+    detector_channels: tuple[int, int, int, int] = (24, 48, 96, 160)   # strides 2, 4, 8, 16
+    num_object_tokens: int = 32
+    num_object_classes: int = 8
+    num_colours: int = 6
+    num_size_words: int = 3
+    num_land_cover: int = 6
+    region_grid: int = 4          # centernet: region tokens = pyramid pooled to g x g
+    detection_loss_weight: float = 1.0
+    # id of the first object reference token <obj0> (set from the tokenizer at training)
+    object_token_start: int | None = None
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -138,6 +151,11 @@ class RsLvlmConfig:
     def __post_init__(self) -> None:
         self.image_mean = tuple(float(v) for v in self.image_mean)
         self.image_std = tuple(float(v) for v in self.image_std)
+        self.detector_channels = tuple(int(v) for v in self.detector_channels)
+        if self.vision_backbone not in ("vit", "centernet"):
+            raise ValueError(f"vision_backbone must be 'vit' or 'centernet', got {self.vision_backbone!r}")
+        if self.vision_backbone == "centernet" and self.image_size % 16:
+            raise ValueError(f"the centernet backbone needs image_size divisible by 16, got {self.image_size}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.expert_intermediate_size is None:
@@ -162,6 +180,8 @@ class RsLvlmConfig:
 
     def level_token_counts(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """Number of (object, region, scene) tokens for an input of ``height x width`` pixels."""
+        if self.vision_backbone == "centernet":
+            return self.num_object_tokens, self.region_grid ** 2, 1 + self.scene_grid ** 2
         gh = (height or self.image_size) // self.patch_size
         gw = (width or self.image_size) // self.patch_size
         region = math.ceil(gh / self.region_pool) * math.ceil(gw / self.region_pool)
@@ -177,6 +197,7 @@ class RsLvlmConfig:
         d = dataclasses.asdict(self)
         d["image_mean"] = list(self.image_mean)
         d["image_std"] = list(self.image_std)
+        d["detector_channels"] = list(self.detector_channels)
         return d
 
     @classmethod

@@ -37,6 +37,7 @@ class RsLvlmDecodeSteps:
         self.max_new_tokens = max_new_tokens
         self.use_cache, self.retriever, self.fast, self.int8 = use_cache, retriever, fast, int8
         self.retrieved: dict = {}
+        self.detections: tuple[torch.Tensor, torch.Tensor] | None = None   # (B, K, 4), (B, K)
         self._cache = None
         self._decoder: FusedDecoder | None = None
         self._spliced_mask: torch.Tensor | None = None
@@ -57,6 +58,10 @@ class RsLvlmDecodeSteps:
                          question_embeds=self.question_embeds, use_cache=self.use_cache,
                          retriever=self.retriever, logits_to_keep=1)
         self.retrieved = {k: (s.cpu(), i.cpu()) for k, (s, i) in out.retrieved.items()}
+        # Object-centric models: the detections behind the object tokens, which <obj k> answers
+        # refer to (engine.model.references resolves them to boxes).
+        self.detections = (None if out.detections is None else
+                           (out.detections.boxes.float().cpu(), out.detections.scores.float().cpu()))
         self._spliced_mask, self._cache = out.attention_mask, out.past_key_values
         if self.use_cache and self.fast and not self.model.training and self.max_new_tokens > 1:
             self._decoder = FusedDecoder(self.model, self.input_ids.shape[0],

@@ -32,6 +32,9 @@ from engine.grounding import GRID_MAX
 from .language_model import RsLvlmLanguageModel
 from .projector import MultiLevelProjector
 from .semantic_augmentation import Retriever, SemanticAugmentation
+from .detector import DetectionTargets, Detections, detection_loss
+from .object_vision import ObjectCentricVisionEncoder
+from .references import assign_references
 from .vision import MultiLevelVisionEncoder
 
 __all__ = ["RsLvlmForConditionalGeneration", "RsLvlmOutput", "VisualEncoding"]
@@ -45,6 +48,8 @@ class VisualEncoding:
     token_levels: torch.Tensor                             # (Nv,) 1 object, 2 region, 3 scene
     retrieved: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     retrieval_loss: torch.Tensor | None = None
+    detections: Detections | None = None                   # centernet backbone only
+    detection_loss: torch.Tensor | None = None             # when detection targets were given
 
 
 @dataclass
@@ -57,6 +62,8 @@ class RsLvlmOutput:
     past_key_values: Cache | None
     attention_mask: torch.Tensor | None = None             # (B, past + L_full) after splicing
     labels: torch.Tensor | None = None                     # (B, L_full) after splicing
+    detection_loss: torch.Tensor | None = None
+    detections: Detections | None = None
 
 
 class RsLvlmForConditionalGeneration(nn.Module):
@@ -75,7 +82,8 @@ class RsLvlmForConditionalGeneration(nn.Module):
         if knowledge_embeddings is None:
             knowledge_embeddings = torch.zeros(0, config.knowledge_dim)
             knowledge_levels = torch.zeros(0, dtype=torch.long)
-        self.vision = MultiLevelVisionEncoder(config)
+        self.vision = (ObjectCentricVisionEncoder(config) if config.vision_backbone == "centernet"
+                       else MultiLevelVisionEncoder(config))
         self.sam = SemanticAugmentation(config, knowledge_embeddings, knowledge_levels) if config.use_sam else None
         self.projector = MultiLevelProjector(config)
         self.language_model = RsLvlmLanguageModel(config)
@@ -141,7 +149,10 @@ class RsLvlmForConditionalGeneration(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, LlamaRMSNorm):
                 nn.init.ones_(module.weight)
-        nn.init.normal_(self.vision.class_embedding, std=std)
+        if isinstance(self.vision, ObjectCentricVisionEncoder):
+            self.vision.detector.reset_parameters()
+        else:
+            nn.init.normal_(self.vision.class_embedding, std=std)
         residual_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, param in self.language_model.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -190,17 +201,50 @@ class RsLvlmForConditionalGeneration(nn.Module):
         question_embeds: torch.Tensor | None = None,
         retrieval_targets: dict[str | int, torch.Tensor] | None = None,
         retriever: Retriever | None = None,
+        detection_targets: DetectionTargets | None = None,
     ) -> VisualEncoding:
         """(B, 3, H, W) images -> projected, level-tagged visual tokens and retrieved entries."""
-        levels = tuple(self.vision(pixel_values))
+        detections, det_loss = None, None
+        if isinstance(self.vision, ObjectCentricVisionEncoder):
+            vis = self.vision(pixel_values)
+            levels, detections = tuple(vis.levels), vis.detections
+            if detection_targets is not None:
+                det_loss = detection_loss(vis.raw, detection_targets)
+        else:
+            levels = tuple(self.vision(pixel_values))
         retrieved, retrieval_loss = {}, None
         if self.sam is not None:
             sam_out = self.sam(levels, question_embeds, retrieval_targets, retriever or self.retriever)
             levels, retrieved, retrieval_loss = sam_out.levels, sam_out.retrieved, sam_out.retrieval_loss
         embeds, token_levels = self.projector(levels)
-        if self.config.grid_position_hint and self.config.grid_token_start is not None:
+        if detections is not None:
+            embeds = self._tag_objects(embeds, detections)
+        elif self.config.grid_position_hint and self.config.grid_token_start is not None:
             embeds = embeds + self._grid_hint(levels, embeds.dtype)
-        return VisualEncoding(embeds, token_levels, retrieved, retrieval_loss)
+        return VisualEncoding(embeds, token_levels, retrieved, retrieval_loss, detections, det_loss)
+
+    def detect(self, pixel_values: torch.Tensor) -> Detections:
+        """The object tokens' detections alone (what grounding references resolve to)."""
+        if not isinstance(self.vision, ObjectCentricVisionEncoder):
+            raise ValueError("this model has no detector (vision_backbone is not 'centernet')")
+        return self.vision(pixel_values.to(self.dtype)).detections
+
+    def _tag_objects(self, embeds: torch.Tensor, detections: Detections) -> torch.Tensor:
+        """Add to object token k the embedding of its reference token ``<obj k>`` (so that
+        writing a reference is copying the token's tag) and, with ``grid_position_hint``, the
+        gated embeddings of the grid tokens of its box centre."""
+        table = self.language_model.embed_tokens.weight                            # (V, H)
+        k = detections.cells.shape[1]
+        tags = embeds.new_zeros(embeds.shape[0], k, embeds.shape[-1])
+        if self.config.object_token_start is not None:
+            tags = tags + table[self.config.object_token_start + torch.arange(k, device=table.device)][None]
+        g0 = self.config.grid_token_start
+        if self.config.grid_position_hint and g0 is not None:
+            centre = (detections.boxes[..., :2] + detections.boxes[..., 2:]) / 2 * GRID_MAX     # (B, K, 2)
+            cell = centre.round().long().clamp(0, GRID_MAX)
+            tags = tags + self.grid_hint_x * table[g0 + cell[..., 0]] + self.grid_hint_y * table[g0 + cell[..., 1]]
+        rest = embeds.new_zeros(embeds.shape[0], embeds.shape[1] - k, embeds.shape[-1])
+        return embeds + torch.cat([tags.to(embeds.dtype), rest], dim=1)
 
     def _grid_hint(self, levels: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
         """(1, Nv, H): for object and region tokens (row-major square grids), the gated
@@ -232,6 +276,8 @@ class RsLvlmForConditionalGeneration(nn.Module):
         retriever: Retriever | None = None,
         logits_to_keep: int = 0,
         position_ids: torch.Tensor | None = None,
+        detection_targets: DetectionTargets | None = None,
+        slot_boxes: torch.Tensor | None = None,            # (B, S, 4) boxes of <obj i> slots
     ) -> RsLvlmOutput:
         if input_ids is None:
             raise ValueError("input_ids are required")
@@ -240,12 +286,17 @@ class RsLvlmForConditionalGeneration(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(b, past_len + t, dtype=torch.long, device=input_ids.device)
         past_mask, cur_mask = attention_mask[:, :-t], attention_mask[:, -t:]
-        embeds = self.language_model.embed_tokens(input_ids)                   # (B, T, H)
         token_levels = torch.zeros_like(input_ids)                               # (B, T) text
-        retrieved, retrieval_loss = {}, None
+        retrieved, retrieval_loss, visual = {}, None, None
         if pixel_values is not None:
-            visual = self.encode_images(pixel_values, question_embeds, retrieval_targets, retriever)
+            visual = self.encode_images(pixel_values, question_embeds, retrieval_targets, retriever,
+                                        detection_targets)
             retrieved, retrieval_loss = visual.retrieved, visual.retrieval_loss
+            if slot_boxes is not None and visual.detections is not None and self.config.object_token_start is not None:
+                input_ids, labels = assign_references(input_ids, labels, slot_boxes, visual.detections,
+                                                      self.config.object_token_start)
+        embeds = self.language_model.embed_tokens(input_ids)                   # (B, T, H)
+        if visual is not None:
             embeds, token_levels, cur_mask, labels = self._splice(input_ids, embeds, visual, cur_mask, labels)
         attention_mask = torch.cat([past_mask, cur_mask], dim=1)
 
@@ -265,8 +316,12 @@ class RsLvlmForConditionalGeneration(nn.Module):
             losses.append(lm_loss)
         if retrieval_loss is not None:
             losses.append(self.config.retrieval_loss_weight * retrieval_loss)
+        det_loss = visual.detection_loss if visual is not None else None
+        if det_loss is not None:
+            losses.append(self.config.detection_loss_weight * det_loss)
         loss = sum(losses[1:], losses[0]) if losses else None
-        return RsLvlmOutput(loss, lm_loss, retrieval_loss, logits, retrieved, cache, attention_mask, labels)
+        return RsLvlmOutput(loss, lm_loss, retrieval_loss, logits, retrieved, cache, attention_mask, labels,
+                            det_loss, visual.detections if visual is not None else None)
 
     def _splice(
         self,
@@ -299,7 +354,9 @@ class RsLvlmForConditionalGeneration(nn.Module):
         return embeds, levels, mask, labels
 
     def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy in float32 over positions whose label is not -100.
+        """Next-token cross-entropy in float32, averaged over each sample's labelled positions
+        and then over the samples: a one-word VQA answer weighs as much as a long caption
+        (averaging per token gave captions and boxes almost all the gradient).
 
         Box-coordinate labels get Gaussian soft targets over the grid tokens when
         ``config.grid_label_sigma`` > 0 (see RsLvlmConfig.grid_token_start).
@@ -310,15 +367,17 @@ class RsLvlmForConditionalGeneration(nn.Module):
         if not bool(valid.any()):
             return shift_logits.sum() * 0.0
         sigma, g0 = self.config.grid_label_sigma, self.config.grid_token_start
-        if not sigma or g0 is None:
-            return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
         losses = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="none")  # (N,)
-        is_grid = valid & (shift_labels >= g0) & (shift_labels <= g0 + GRID_MAX)
-        if bool(is_grid.any()):
+        is_grid = valid & (shift_labels >= (g0 or 0)) & (shift_labels <= (g0 or 0) + GRID_MAX)
+        if sigma and g0 is not None and bool(is_grid.any()):
             log_probs = F.log_softmax(shift_logits[is_grid], dim=-1)[:, g0:g0 + GRID_MAX + 1]   # (M, 101)
             centre = (shift_labels[is_grid] - g0).float()[:, None]                               # (M, 1)
             grid = torch.arange(GRID_MAX + 1, device=logits.device, dtype=torch.float32)[None]    # (1, 101)
             weights = torch.exp(-0.5 * ((grid - centre) / sigma) ** 2)
             weights = weights / weights.sum(dim=-1, keepdim=True)
             losses = losses.masked_scatter(is_grid, -(weights * log_probs).sum(dim=-1))
-        return losses[valid].mean()
+        b = labels.shape[0]
+        losses, valid = losses.view(b, -1) * valid.view(b, -1), valid.view(b, -1).float()
+        per_sample = losses.sum(dim=1) / valid.sum(dim=1).clamp(min=1)
+        has = valid.sum(dim=1) > 0
+        return per_sample[has].mean()

@@ -11,6 +11,7 @@ Vocabulary layout (fixed ids, the config's token ids depend on them)::
     BPE merges learned from the corpus
     <0> ... <100>  {  }  |                            grounding grid (GeoChat convention)
     [grounding] [refer] [identify] [caption] [vqa] [classify]   task tokens
+    <obj0> ... <obj63>                                object references (engine.model.references)
 
 The grounding and task tokens are ordinary added tokens (never split, never lower-cased, kept
 when decoding with ``skip_special_tokens=True``), so ``"storage tank {<10><20><30><40>|0}"``
@@ -26,11 +27,15 @@ from transformers import PreTrainedTokenizerFast
 
 from engine.grounding import GRID_MAX
 
-__all__ = ["build_tokenizer", "load_tokenizer", "save_tokenizer", "SPECIAL_TOKENS", "GROUNDING_TOKENS", "TASK_TOKENS"]
+__all__ = ["build_tokenizer", "load_tokenizer", "save_tokenizer", "SPECIAL_TOKENS", "GROUNDING_TOKENS", "TASK_TOKENS",
+           "OBJECT_TOKENS"]
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 GROUNDING_TOKENS = tuple(f"<{i}>" for i in range(GRID_MAX + 1)) + ("{", "}", "|")
 TASK_TOKENS = ("[grounding]", "[refer]", "[identify]", "[caption]", "[vqa]", "[classify]")
+OBJECT_TOKENS = tuple(f"<obj{i}>" for i in range(64))
+"""Reference tokens: ``<obj k>`` points at object token k (appended last, so the ids of the
+earlier layout are unchanged)."""
 _SPECIAL_KWARGS = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -49,7 +54,7 @@ def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 3000) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``texts``; ``vocab_size`` is the total size including the
     special, grounding and task tokens (use ``len(tokenizer)`` as the model's vocab size)."""
-    n_added = len(GROUNDING_TOKENS) + len(TASK_TOKENS)
+    n_added = len(GROUNDING_TOKENS) + len(TASK_TOKENS) + len(OBJECT_TOKENS)
     bpe_size = vocab_size - n_added
     min_size = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
     if bpe_size < min_size:
@@ -66,7 +71,8 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 3000) -> PreTrainedT
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in GROUNDING_TOKENS + TASK_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t in GROUNDING_TOKENS + TASK_TOKENS + OBJECT_TOKENS])
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
     return _wrap(tok)

@@ -54,3 +54,18 @@ def prompt_batch(config: RsLvlmConfig, lengths: list[int], seed: int = 0) -> tup
         ids[row, t - n:] = tokens
         mask[row, t - n:] = 1
     return ids, mask
+
+
+def small_object_config(**overrides) -> RsLvlmConfig:
+    """The object-centric variant of :func:`small_config`: a tiny detector on 32x32 images whose
+    4 detections are the object tokens; ``<obj0>`` is token 40."""
+    sizes = dict(vision_backbone="centernet", detector_channels=(8, 8, 16, 16), num_object_tokens=4,
+                 region_grid=2, object_token_start=40)
+    sizes.update(overrides)
+    return small_config(**sizes)
+
+
+def small_object_model(seed: int = 0, **overrides) -> RsLvlmForConditionalGeneration:
+    torch.manual_seed(seed)
+    emb, levels = random_knowledge(seed=seed)
+    return RsLvlmForConditionalGeneration(small_object_config(**overrides), emb, levels)

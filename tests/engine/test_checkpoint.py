@@ -25,7 +25,7 @@ CORPUS = ["an airport with airplanes.", "storage tank {<10><20><30><40>|0}"] * 1
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    tokenizer = build_tokenizer(CORPUS, vocab_size=400)
+    tokenizer = build_tokenizer(CORPUS, vocab_size=480)
     model = small_model(seed=4, vocab_size=len(tokenizer)).eval()
     with torch.no_grad():
         model.sam.fusion[0].attn_gate.fill_(0.7)          # non-trivial SAM so it matters

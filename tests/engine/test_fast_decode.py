@@ -110,7 +110,7 @@ def checkpoint_dir(tmp_path_factory):
     from model_helpers import small_config
 
     tokenizer = build_tokenizer(["an airport with airplanes.", "storage tank {<10><20><30><40>|0}"] * 10,
-                                vocab_size=400)
+                                vocab_size=480)
     kb = KnowledgeBase.load(DEFAULT_INDEX_DIR)
     torch.manual_seed(4)
     model = RsLvlmForConditionalGeneration(small_config(vocab_size=len(tokenizer)),

@@ -15,7 +15,7 @@ CORPUS = ["a harbour with ships and storage tanks near the water.", "storage tan
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer(CORPUS, vocab_size=400)
+    return build_tokenizer(CORPUS, vocab_size=480)
 
 
 @pytest.fixture(scope="module")

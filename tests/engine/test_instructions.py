@@ -8,8 +8,8 @@ import pytest
 
 from engine.data.captions import SCENE_NOUN, caption_for
 from engine.data.instructions import (
-    TASKS, VQA_QTYPES, SyntheticInstructionDataset, iter_samples, make_sample, make_samples,
-    object_grid_box, position_word,
+    TASKS, VQA_QTYPES, SyntheticInstructionDataset, iter_samples, knowledge_targets, make_sample, make_samples,
+    named_classes, object_grid_box, position_word,
 )
 from engine.data.scene_generator import OBJECT_CLASSES, SCENE_CLASSES, generate_scene
 from engine.grounding import format_box, grid_to_pixels, parse_boxes
@@ -35,9 +35,26 @@ def test_make_samples_gives_one_sample_per_task_with_knowledge_targets():
     assert [s.task for s in samples] == list(TASKS)
     for s in samples:
         assert s.knowledge_targets["scene"] == [scene.scene_class]
-        assert set(s.knowledge_targets["object"]) == {o.cls for o in scene.objects}
+        named = named_classes(s.question)
+        assert set(s.knowledge_targets["object"]) == (set(named) or {o.cls for o in scene.objects})
         assert all(scene.land_cover_fractions[r] > 0.1 for r in s.knowledge_targets["region"])
     assert samples[3].answer == scene.scene_class
+
+
+def test_retrieval_targets_follow_the_classes_the_question_names():
+    scene, _ = next(_scenes(1))
+    targets = knowledge_targets(scene, "How many airplanes are there?")
+    assert targets["object"] == ["airplane"] and targets["scene"] == [scene.scene_class]
+
+
+def test_scene_questions_are_shared_by_classify_and_vqa():
+    seen_classify, seen_vqa = set(), set()
+    for scene, rng in _scenes(60):
+        seen_classify.add(make_sample(scene, rng, "classify").question)
+        s = make_sample(scene, rng, "vqa", qtypes=("scene",))
+        if s.qtype == "scene":
+            seen_vqa.add(s.question)
+    assert "What type of scene is this?" in seen_classify & seen_vqa
 
 
 def test_vqa_answers_agree_with_annotations():

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from engine.model.prompts import build_prompt, encode_example, encode_prompt, pad_batch
-from engine.model.tokenizer import GROUNDING_TOKENS, TASK_TOKENS, build_tokenizer, load_tokenizer, save_tokenizer
+from engine.model.tokenizer import (
+    GROUNDING_TOKENS, OBJECT_TOKENS, TASK_TOKENS, build_tokenizer, load_tokenizer, save_tokenizer,
+)
 
 CORPUS = [
     "an airport with two airplanes parked near the terminal.",
@@ -12,18 +14,19 @@ CORPUS = [
     "what is the colour of the roof? red",
     "a harbour with several ships {<5><6><7><8>|30}{<50><50><60><60>|-45}",
 ] * 20
+VOCAB = 480   # room for the byte alphabet, the grid, task and object reference tokens and a few merges
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer(CORPUS, vocab_size=400)
+    return build_tokenizer(CORPUS, vocab_size=VOCAB)
 
 
 def test_special_token_ids_are_fixed(tokenizer):
     ids = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id]
     assert ids == [0, 1, 2, 3]
     assert tokenizer.convert_tokens_to_ids("<image>") == 4
-    assert len(tokenizer) <= 400
+    assert len(tokenizer) <= VOCAB
 
 
 @pytest.mark.parametrize("text", [
@@ -36,8 +39,8 @@ def test_box_text_round_trips_exactly(tokenizer, text):
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
 
 
-def test_grid_and_task_tokens_are_single_tokens(tokenizer):
-    for token in GROUNDING_TOKENS + TASK_TOKENS:
+def test_grid_task_and_object_reference_tokens_are_single_tokens(tokenizer):
+    for token in GROUNDING_TOKENS + TASK_TOKENS + OBJECT_TOKENS:
         assert len(tokenizer.encode(token, add_special_tokens=False)) == 1, token
 
 

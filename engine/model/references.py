@@ -1,0 +1,90 @@
+"""Grounding by reference: answers point at object tokens, the engine writes their boxes.
+
+Why: a language model of a few million parameters writes coordinates badly (measured: its box
+centres correlated 0.03 / 0.17 with the truth), but choosing among the detector's boxes is a
+classification it learns quickly.  So a grounding answer is the phrase followed by reference
+tokens, ``airplane <obj3><obj7>``, where ``<obj k>`` is the k-th object token (detection k, best
+first).  :func:`resolve_references` turns each reference back into the GeoChat box text
+``{<x1><y1><x2><y2>|0}`` of that detection, so the protocol, the box parser and the
+georeferencing downstream are unchanged, and the box's score is the detection's score.
+
+Training writes the reference of each annotated box as a *slot* token (``<obj i>`` = the i-th
+annotated box of the sample, see :func:`encode_reference_answer`); once the detections of the
+batch are known, :func:`assign_references` rewrites every slot to the detection that matches its
+box best (IoU), and ignores it in the loss when no detection matches.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from engine.grounding import GRID_MAX, GridBox, format_box
+from .detector import Detections, box_iou_matrix
+
+__all__ = ["REFERENCE_RE", "reference_token", "assign_references", "resolve_references", "ResolvedBox",
+           "MIN_MATCH_IOU"]
+
+REFERENCE_RE = re.compile(r"<obj(\d+)>")
+MIN_MATCH_IOU = 0.3
+"""A slot whose best detection overlaps its box less than this is not taught (the detector
+missed the object; teaching an arbitrary pointer would only add noise)."""
+
+
+def reference_token(k: int) -> str:
+    return f"<obj{k}>"
+
+
+def assign_references(input_ids: torch.Tensor, labels: torch.Tensor | None, slot_boxes: torch.Tensor,
+                      detections: Detections, object_token_start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rewrite slot tokens to detection references.
+
+    input_ids, labels (B, T); slot_boxes (B, S, 4) normalised boxes of the annotated slots (rows
+    padded with -1); detections of the same images.  Slot ``i`` is token id
+    ``object_token_start + i``; it becomes ``object_token_start + k`` with k the best-IoU detection.
+    """
+    s = slot_boxes.shape[1]
+    if s == 0:
+        return input_ids, labels
+    iou = box_iou_matrix(slot_boxes.to(detections.boxes.dtype), detections.boxes)   # (B, S, K)
+    best_iou, best = iou.max(dim=-1)                                              # (B, S)
+    valid = (slot_boxes[..., 0] >= 0) & (best_iou >= MIN_MATCH_IOU)
+    slot = input_ids - object_token_start                                         # (B, T)
+    is_slot = (slot >= 0) & (slot < s)
+    idx = slot.clamp(0, s - 1)
+    mapped = best.gather(1, idx) + object_token_start
+    new_ids = torch.where(is_slot, mapped, input_ids)
+    new_labels = labels
+    if labels is not None:
+        lslot = labels - object_token_start
+        l_is_slot = (lslot >= 0) & (lslot < s)
+        lidx = lslot.clamp(0, s - 1)
+        lmapped = torch.where(valid.gather(1, lidx), best.gather(1, lidx) + object_token_start,
+                              torch.full_like(labels, -100))
+        new_labels = torch.where(l_is_slot, lmapped, labels)
+    return new_ids, new_labels
+
+
+@dataclass
+class ResolvedBox:
+    box: GridBox
+    score: float
+
+
+def resolve_references(text: str, boxes: list[list[float]], scores: list[float]) -> tuple[str, list[ResolvedBox]]:
+    """Replace each ``<obj k>`` in ``text`` by detection k's box text (``boxes[k]`` normalised
+    x1, y1, x2, y2; ``scores[k]`` its score); a reference past the detections is dropped.
+    Returns the rewritten text and the referenced boxes in order of appearance."""
+    found: list[ResolvedBox] = []
+
+    def repl(m: re.Match) -> str:
+        k = int(m.group(1))
+        if k >= len(boxes):
+            return ""
+        x1, y1, x2, y2 = (float(v) * GRID_MAX for v in boxes[k])
+        box = GridBox(x1, y1, x2, y2, 0.0)
+        found.append(ResolvedBox(box, float(scores[k])))
+        return format_box(box)
+
+    return REFERENCE_RE.sub(repl, text), found

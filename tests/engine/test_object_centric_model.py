@@ -1,0 +1,63 @@
+"""The object-centric model: detections are the object tokens, the loss is the model's own."""
+from __future__ import annotations
+
+import torch
+
+from engine.model.checkpoint import load_checkpoint, save_checkpoint
+from engine.model.detector import build_detection_targets
+from engine.model.generation import RsLvlmDecodeSteps
+from engine.model.tokenizer import build_tokenizer
+from model_helpers import prompt_batch, small_config, small_model, small_object_model
+
+SHIP = torch.tensor([[0.25, 0.25, 0.5, 0.5, 1, 0, 2]])
+
+
+def test_the_object_level_has_one_token_per_detection():
+    model = small_object_model().eval()
+    with torch.no_grad():
+        visual = model.encode_images(torch.randn(2, 3, 32, 32))
+    assert int((visual.token_levels == 1).sum()) == 4
+    assert visual.detections.boxes.shape == (2, 4, 4)
+    assert model.config.level_token_counts() == (4, 4, 5)
+
+
+def test_with_detection_targets_the_loss_includes_the_detection_loss():
+    model = small_object_model()
+    ids, mask = prompt_batch(model.config, [6, 6])
+    targets = build_detection_targets([SHIP, SHIP], None, model.config)
+    out = model(torch.randn(2, 3, 32, 32), ids, mask, labels=ids, detection_targets=targets)
+    assert out.detection_loss is not None
+    torch.testing.assert_close(out.loss, out.lm_loss + model.config.detection_loss_weight * out.detection_loss)
+
+
+def test_the_lm_loss_weighs_every_sample_equally_whatever_its_length():
+    model = small_model(use_sam=False)
+    logits = torch.zeros(2, 5, model.config.vocab_size)
+    logits[0, :, 7] = 20.0                                      # row 0 predicts its labels perfectly
+    labels = torch.tensor([[-100, 7, 7, 7, 7], [-100, -100, -100, -100, 9]])
+    per_token_row1 = float(torch.nn.functional.cross_entropy(logits[1, 3:4], labels[1, 4:]))
+    assert abs(float(model._lm_loss(logits, labels)) - per_token_row1 / 2) < 1e-4
+
+
+def test_decoding_keeps_the_detections_that_references_resolve_to():
+    model = small_object_model().eval()
+    ids, mask = prompt_batch(model.config, [6])
+    steps = RsLvlmDecodeSteps(model, torch.randn(1, 3, 32, 32), ids, mask, max_new_tokens=2)
+    steps.prefill()
+    boxes, scores = steps.detections
+    assert boxes.shape == (1, 4, 4) and scores.shape == (1, 4)
+
+
+def test_a_checkpoint_round_trip_keeps_the_detector_and_its_normalisation_statistics(tmp_path):
+    tokenizer = build_tokenizer(["a ship {<1><2><3><4>|0}"] * 10, vocab_size=480)
+    model = small_object_model(vocab_size=len(tokenizer))
+    model.train()
+    with torch.no_grad():
+        model.vision.detector(torch.randn(4, 3, 32, 32) * 3)     # moves the BatchNorm running stats
+    model.eval()
+    loaded = load_checkpoint(save_checkpoint(model, tokenizer, tmp_path / "m")).model
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model.encode_images(pixels), loaded.encode_images(pixels)
+    assert torch.equal(a.embeds, b.embeds)
+    assert small_config().vision_backbone == "vit"            # the ViT path stays the default

@@ -1,0 +1,44 @@
+"""Grounding by reference: slots become detection references; references become box text."""
+from __future__ import annotations
+
+import torch
+
+from engine.grounding import parse_boxes
+from engine.lab.batches import reference_answer
+from engine.model.detector import Detections
+from engine.model.references import assign_references, resolve_references
+
+START = 50   # <obj0> is id 50 in these tests
+
+
+def detections(boxes: list[list[float]]) -> Detections:
+    b = torch.tensor([boxes])
+    k = b.shape[1]
+    return Detections(b, torch.ones(1, k), torch.zeros(1, k, dtype=torch.long), torch.zeros(1, k, dtype=torch.long),
+                      torch.ones(1, k, 8), torch.ones(1, k, 6), torch.ones(1, k, 3))
+
+
+def test_a_grounding_answer_becomes_one_slot_per_box():
+    text, n = reference_answer("airplane {<10><10><20><20>|0}{<30><30><40><40>|0}")
+    assert (text, n) == ("airplane <obj0><obj1>", 2)
+
+
+def test_each_slot_points_at_the_detection_overlapping_its_box():
+    det = detections([[0.6, 0.6, 0.8, 0.8], [0.1, 0.1, 0.2, 0.2]])
+    ids = torch.tensor([[7, START + 0, 2]])
+    slot_boxes = torch.tensor([[[0.1, 0.1, 0.2, 0.2]]])
+    new_ids, new_labels = assign_references(ids, ids.clone(), slot_boxes, det, START)
+    assert new_ids.tolist() == [[7, START + 1, 2]] and new_labels.tolist() == [[7, START + 1, 2]]
+
+
+def test_a_slot_no_detection_matches_is_not_taught():
+    det = detections([[0.6, 0.6, 0.8, 0.8]])
+    ids = torch.tensor([[START + 0]])
+    _, labels = assign_references(ids, ids.clone(), torch.tensor([[[0.0, 0.0, 0.1, 0.1]]]), det, START)
+    assert labels.tolist() == [[-100]]
+
+
+def test_references_resolve_to_geochat_box_text_with_the_detection_score():
+    text, found = resolve_references("ship <obj1>", [[0, 0, 0.1, 0.1], [0.2, 0.3, 0.4, 0.5]], [0.9, 0.7])
+    assert text == "ship {<20><30><40><50>|0}" and found[0].score == 0.7
+    assert parse_boxes(text)[0].label == "ship"
