@@ -134,9 +134,7 @@ def _check_vrt(path: Path, seen: tuple[str, ...] = ()) -> None:
         if element.tag not in ("SourceFilename", "SourceDataset") or not (element.text or "").strip():
             continue
         name = element.text.strip()
-        if element.get("relativeToVRT") == "1" or (element.tag == "SourceFilename" and not os.path.isabs(name)
-                                                   and not name.lower().startswith("/vsi")
-                                                   and "://" not in name):
+        if element.get("relativeToVRT") == "1":  # otherwise GDAL, like this check, reads it from the cwd
             name = str(path.parent / name)
         source = check_source(name, "VRT source")
         if isinstance(source, Path) and source.suffix.lower() == ".vrt" and source.is_file():
