@@ -3,6 +3,8 @@
 A caption, three questions and a grounding request on regions of the sample raster (given in
 EPSG:3857, as a QGIS canvas would send them, while the raster is in UTM), printing answers and
 retrieved knowledge, writing GeoPackage + Shapefile outputs and a quick-look PNG with the boxes.
+The sample's truth file (written by ``make-sample``) is printed beside each answer, with whether
+they agree, so a reader of the demo sees at once how right the model is.
 """
 from __future__ import annotations
 
@@ -36,6 +38,59 @@ def _pick(tiles: list[dict], scene: str, fallback: int) -> dict:
         if tile.get("scene_class") == scene:
             return tile
     return tiles[fallback % len(tiles)]
+
+
+def _objects(tile: dict, cls: str) -> list[dict]:
+    return [o for o in tile.get("objects", []) if o.get("cls") == cls]
+
+
+def _grounding_hits(result: dict, truth: list[dict], threshold: float = 0.5) -> int:
+    """Truth objects matched one-to-one by an answered box with IoU >= threshold (map coordinates)."""
+    from shapely import wkt as shapely_wkt
+    from shapely.geometry import Polygon
+
+    answered = [shapely_wkt.loads(b["wkt"]) for b in result["boxes"]]
+    used: set[int] = set()
+    hits = 0
+    for obj in truth:
+        target = Polygon(obj["polygon_map"])
+        best, best_iou = None, threshold
+        for i, box in enumerate(answered):
+            if i in used:
+                continue
+            union = box.union(target).area
+            iou = box.intersection(target).area / union if union > 0 else 0.0
+            if iou >= best_iou:
+                best, best_iou = i, iou
+        if best is not None:
+            used.add(best)
+            hits += 1
+    return hits
+
+
+def truth_for(task: str, question: str | None, tile: dict, result: dict) -> tuple[str, bool | None]:
+    """(what the truth file says, whether the answer agrees; None where no exact check exists)."""
+    text = result["text"].lower()
+    q = (question or "").lower()
+    if task == "ground":
+        planes = _objects(tile, "airplane")
+        hits = _grounding_hits(result, planes)
+        return (f"{len(planes)} airplanes; {hits} found with IoU >= 0.5, {len(result['boxes'])} boxes answered",
+                hits == len(planes) == len(result["boxes"]))
+    if "how many" in q:
+        n = len(_objects(tile, "airplane"))
+        return str(n), text.strip(" .") in (str(n),)
+    if "swimming pool" in q:
+        present = bool(_objects(tile, "swimming pool"))
+        return ("yes" if present else "no"), text.strip(" .").startswith("yes" if present else "no")
+    scene = str(tile.get("scene_class", "?"))
+    if task == "vqa":
+        return scene, scene.split()[0] in text
+    counts = {}
+    for obj in tile.get("objects", []):
+        counts[obj["cls"]] = counts.get(obj["cls"], 0) + 1
+    listed = ", ".join(f"{n} {c}" for c, n in sorted(counts.items()))
+    return f"{scene} scene; {listed or 'no objects'}", None
 
 
 def quicklook(raster: Path, bounds_3857: list[float], result: dict, path: Path) -> None:
@@ -95,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         ("vqa", "What type of scene is this?", harbor),
         ("vqa", "How many airplanes are there?", airport),
         ("vqa", "Is there a swimming pool?", residential),
-        ("ground", "[grounding] Locate all airplanes.", airport),
+        ("ground", "airplanes", airport),           # a bare phrase, as an analyst types it
     ]
+    agreed = checked = 0
     for i, (task, question, tile) in enumerate(requests):
         bounds = _to_3857(tile["bounds"], crs)
         out = args.out / ("demo.gpkg" if task != "ground" else "demo_detections.gpkg")
@@ -108,11 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n[{i + 1}] {task} on the {tile.get('scene_class', '?')} tile"
               + (f" — {question}" if question else ""))
         print(f"    answer: {result['text']}")
+        truth, ok = truth_for(task, question, tile, result)
+        print(f"    truth:  {truth}" + ("" if ok is None else ("   [agrees]" if ok else "   [DIFFERS]")))
+        if ok is not None:
+            checked += 1
+            agreed += int(ok)
         for box in result["boxes"]:
             print(f"    box: {box['label']} score {box['score']:.2f} -> {box['wkt'][:90]}...")
         top = [f"{r['level']}:{r['entry']} ({r['score']:.2f})" for r in result["retrieved"][:6]]
         print(f"    knowledge: {', '.join(top)}")
         print(f"    {result['timing']['total_s'] * 1000:.0f} ms")
-    print(f"\noutputs in {args.out}: {', '.join(sorted(p.name for p in args.out.iterdir()))}")
+    print(f"\n{agreed} of {checked} checkable answers agree with the sample's truth file")
+    print(f"outputs in {args.out}: {', '.join(sorted(p.name for p in args.out.iterdir() if not p.name.startswith('.')))}")
     print(f"demo finished in {time.perf_counter() - t0:.1f} s")
     return 0
