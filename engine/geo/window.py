@@ -76,6 +76,8 @@ __all__ = ["Chip", "read_chip"]
 log = logging.getLogger(__name__)
 
 _EPS = 1e-6
+MAX_CHIP_PX = 4096
+"""Largest chip side read (the same bound as a checkpoint's image_size, engine.backends.config_bounds)."""
 
 
 def read_chip(raster: str | Path, *, bbox: Sequence[float] | None = None,
@@ -178,6 +180,8 @@ def _parse_size(size: int | tuple[int, int]) -> tuple[int, int]:
         raise EngineError(BAD_REQUEST, f"chip size must be an int or (height, width), got {size!r}") from None
     if h < 1 or w < 1:
         raise EngineError(BAD_REQUEST, f"chip size must be positive, got {size!r}")
+    if h > MAX_CHIP_PX or w > MAX_CHIP_PX:  # an absurd model image_size must not allocate gigabytes
+        raise EngineError(BAD_REQUEST, f"chip size {h}x{w} is larger than {MAX_CHIP_PX}x{MAX_CHIP_PX} pixels")
     return int(h), int(w)
 
 

@@ -391,3 +391,10 @@ def test_raster_without_crs_answers_in_pixel_coordinates_with_a_polygon_region(t
     r = write_raster(tmp_path / "r.tif", crs=None, transform=Affine.identity())
     chip = read_chip(r.path, region_wkt="POLYGON ((70 50, 130 50, 130 110, 70 110, 70 50))", size=60)
     assert chip.crs is None and chip.bounds == (70.0, 50.0, 130.0, 110.0)
+
+
+def test_an_absurd_chip_size_is_refused_before_anything_is_read(tmp_path):
+    r = write_raster(tmp_path / "r.tif")
+    with pytest.raises(EngineError) as exc:
+        read_chip(r.path, size=96000)
+    assert exc.value.code == BAD_REQUEST and "96000" in exc.value.message
