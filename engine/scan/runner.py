@@ -21,11 +21,11 @@ import shapely
 from shapely.geometry import Polygon
 
 from engine.geo.georef import chip_box_to_raster_pixels, crs_to_string, grid_boxes_to_polygons
-from engine.grounding import GRID_MAX, grid_to_pixels
+from engine.grounding import GRID_MAX, grid_to_pixels, readable_text
 
 from .merge import DEFAULT_TOL_PX, RawBox, SeamMerger, keep_box, touches_edges
 from .params import ScanRequest
-from .tiling import Tile, TilePlan, plan_tiles, read_tile, tile_polygon
+from .tiling import Tile, TilePlan, plan_tiles, read_tile, shared_stretch, tile_polygon
 from .writer import ScanWriter
 
 log = logging.getLogger("engine.scan")
@@ -66,12 +66,13 @@ class InferenceSpec:
     max_tokens: int
     bands: list[int] | None
     image_size: int
+    stretch: list[tuple[float, float]] | None = None   # one stretch for every tile (non-8-bit rasters)
 
 
 def infer_batch(pipeline: Any, plan: TilePlan, tiles: Sequence[Tile], spec: InferenceSpec,
                 should_stop: Callable[[], bool] | None = None) -> list[TileResult]:
     """Read the batch's tiles (windowed), answer the valid ones in one call, georeference boxes."""
-    chips = [read_tile(plan, t, spec.image_size, spec.bands) for t in tiles]
+    chips = [read_tile(plan, t, spec.image_size, spec.bands, spec.stretch) for t in tiles]
     valid = [(t, c) for t, c in zip(tiles, chips) if c is not None]
     results = {t.id: TileResult(t.id, "nodata") for t, c in zip(tiles, chips) if c is None}
     if valid:
@@ -85,7 +86,8 @@ def infer_batch(pipeline: Any, plan: TilePlan, tiles: Sequence[Tile], spec: Infe
                       "wkb": shapely.to_wkb(poly, hex=True)}
                      for g, s, poly in zip(answer.boxes, answer.box_scores, polygons)]
             score = getattr(answer, "text_score", None)
-            results[tile.id] = TileResult(tile.id, "ok", answer.text, None if score is None else float(score), boxes)
+            results[tile.id] = TileResult(tile.id, "ok", readable_text(answer.text), None if score is None else float(score),
+                                          boxes)
     return [results[t.id] for t in tiles]
 
 
@@ -145,7 +147,7 @@ def run_scan(params: dict, context: Any, service: Any) -> dict:
                       default_overlap=DEFAULT_OVERLAP[p.task])
     run_id = p.run_id(_raster_stamp(plan.raster), plan.tile_px, plan.overlap_px)
     layer = LAYER_OF_TASK[p.task]
-    spec = InferenceSpec(p.task, p.question, p.max_tokens, p.bands, image_size)
+    spec = InferenceSpec(p.task, p.question, p.max_tokens, p.bands, image_size, shared_stretch(plan, p.bands))
     total = len(plan.tiles)
     with ScanWriter(p.out, run_id, plan.crs, layer) as writer:
         resumed = writer.start_run({**p.to_dict(), "tile": plan.tile_px, "overlap": plan.overlap_px}, total)

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import rasterio
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.windows import Window
 from shapely.geometry import Polygon
 from shapely.geometry.base import BaseGeometry
 
@@ -36,7 +38,7 @@ from engine.geo.georef import chip_boxes_to_polygons
 from engine.geo.window import (Chip, _check_georef, _check_path, _open, _pixel_window,
                                _region_in_raster, read_chip)
 
-__all__ = ["Tile", "TilePlan", "plan_tiles", "read_tile", "default_tile_px", "axis_tiles"]
+__all__ = ["Tile", "TilePlan", "plan_tiles", "read_tile", "shared_stretch", "default_tile_px", "axis_tiles"]
 
 
 @dataclass(frozen=True)
@@ -207,12 +209,54 @@ def tile_polygon(plan: TilePlan, tile: Tile, core: bool = False) -> Polygon:
     return plan.pixel_polygons([_window_box(tile.core if core else tile.window)])[0]
 
 
-def read_tile(plan: TilePlan, tile: Tile, size: int, bands: list[int] | None = None) -> Chip | None:
+def read_tile(plan: TilePlan, tile: Tile, size: int, bands: list[int] | None = None,
+              stretch: Sequence[tuple[float, float]] | None = None) -> Chip | None:
     """The tile as a model-size chip (one windowed read), or None when it holds no valid pixel."""
     try:
         return read_chip(plan.raster, region_wkt=tile_polygon(plan, tile).wkt, size=size, bands=bands,
-                         max_upsample_ratio=1e9)
+                         max_upsample_ratio=1e9, stretch_range=stretch)
     except EngineError as exc:
         if exc.code == EMPTY_REGION:
             return None
         raise
+
+
+def shared_stretch(plan: TilePlan, bands: list[int] | None = None, grid: int = 8, size: int = 64
+                   ) -> list[tuple[float, float]] | None:
+    """One 2-98 % stretch per band for the whole scan, None when the raster needs none (8-bit, palette).
+
+    Why: a per-tile stretch would give each tile of a 16-bit or float raster its own contrast, so the
+    same roof would look different on either side of a seam.  The percentiles come from a ``grid`` x
+    ``grid`` lattice of ``size`` px windows over the scanned area: bounded reads, whatever the size.
+    """
+    probe = next((c for c in (read_tile(plan, t, 8, bands) for t in plan.tiles[:16]) if c is not None), None)
+    if probe is None or probe.stretch is None:
+        return None
+    c0 = min(t.window[0] for t in plan.tiles)
+    r0 = min(t.window[1] for t in plan.tiles)
+    c1 = max(t.window[0] + t.window[2] for t in plan.tiles)
+    r1 = max(t.window[1] + t.window[3] for t in plan.tiles)
+    values: list[list[np.ndarray]] = [[] for _ in probe.bands]
+    with rasterio.open(plan.raster) as ds:
+        for i in range(grid):
+            for j in range(grid):
+                w, h = min(size, c1 - c0), min(size, r1 - r0)
+                col = c0 + (c1 - c0 - w) * j // max(grid - 1, 1)
+                row = r0 + (r1 - r0 - h) * i // max(grid - 1, 1)
+                win = Window(col, row, w, h)
+                data = ds.read(probe.bands, window=win).astype(np.float64)
+                valid = (ds.read_masks(probe.bands, window=win) > 0).all(axis=0) & np.isfinite(data).all(axis=0)
+                for b in range(len(probe.bands)):
+                    values[b].append(data[b][valid])
+    ranges = []
+    for b, parts in enumerate(values):
+        vals = np.concatenate(parts) if parts else np.zeros(0)
+        if vals.size == 0:
+            return probe.stretch
+        lo, hi = (float(v) for v in np.percentile(vals, [2, 98]))
+        if hi <= lo:
+            lo, hi = float(vals.min()), float(vals.max())
+        ranges.append((lo, hi))
+    if len(ranges) == 1 and len(probe.stretch) == 1:
+        return ranges
+    return ranges if len(ranges) == len(probe.stretch) else probe.stretch

@@ -36,7 +36,7 @@ class BrightBoxDetector:
         self.images_seen = 0
 
     def answer(self, images, task, question, max_new_tokens=64, on_token=None, should_stop=None):
-        from engine.backends.rs_lvlm import Answer
+        from engine.backends.base import Answer
 
         out = []
         for image in images:
@@ -237,3 +237,12 @@ def test_a_file_that_is_not_a_raster_is_a_coded_error(tmp_path, service):
     with pytest.raises(EngineError) as err:
         scan(service, text, tmp_path / "out.gpkg")
     assert err.value.code == "not_a_raster"
+
+
+def test_tiles_of_a_16_bit_raster_share_one_stretch(tmp_path, service):
+    # Stretched tile by tile, the square-free tile's faint texture would fill 0..255 and look bright.
+    raster = write_raster(tmp_path / "r.tif", width=128, height=64, dtype="uint16", background=1000,
+                          feature=30000, feature_px=(10, 10, 40, 40))
+    scan(service, raster.path, tmp_path / "out.gpkg", tile=64, overlap=0)
+    rows = read_layer(tmp_path / "out.gpkg", "detections")
+    assert len(rows) == 1 and rows[0]["tile_id"] == 0
