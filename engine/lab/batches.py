@@ -114,6 +114,13 @@ class Collator:
                    for s in samples]
         return build_detection_targets(objects, maps, self.config)
 
+    def detector_batch(self, samples: list) -> dict:
+        """Images and dense detection targets only (the detector's warm-up phase)."""
+        from engine.model.image_processing import preprocess_images
+
+        return {"pixel_values": preprocess_images([s.image for s in samples], self.image_size),
+                "detection_targets": self.detection_targets(samples)}
+
     def __call__(self, samples: list) -> dict:
         from engine.model.image_processing import preprocess_images
         from engine.model.prompts import encode_example

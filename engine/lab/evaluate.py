@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--int8", action="store_true", help="decode with int8 matrices (CPU), to measure its effect")
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    parser.add_argument("--mosaic", action="store_true",
+                        help="also ask a fresh georeferenced mosaic tile by tile and score in map coordinates")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
     from engine.paths import DEFAULT_MODEL_DIR
@@ -169,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     require_model_dir(model_dir)
     scores = evaluate(model_dir, seed=args.seed, n=args.n, device=args.device, max_new_tokens=args.max_new_tokens,
                       int8=args.int8)
+    if args.mosaic:
+        from engine.device import resolve_device
+        from .mosaic_eval import evaluate_mosaic
+
+        scores["mosaic"] = evaluate_mosaic(model_dir, seed=args.seed, device=resolve_device(args.device))
     text = json.dumps(scores, indent=None if args.json else 2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

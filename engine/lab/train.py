@@ -78,16 +78,6 @@ DEFAULT_INDEX_DIR = KNOWLEDGE_DIR / "index"
 """The shipped knowledge index every run trains against (and copies into its checkpoint)."""
 
 
-def knowledge_classes():
-    """(KnowledgeBase, SentenceEncoder) from the knowledge package (its module layout is the
-    package's business; older trees only had them in knowledge_base)."""
-    try:
-        from engine.knowledge import KnowledgeBase, SentenceEncoder
-    except ImportError:   # the package before it re-exported its names
-        from engine.knowledge.knowledge_base import KnowledgeBase, SentenceEncoder
-    return KnowledgeBase, SentenceEncoder
-
-
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -196,7 +186,8 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
     device = resolve_device(config.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
-    KnowledgeBase, SentenceEncoder = knowledge_classes()
+    from engine.knowledge import KnowledgeBase, SentenceEncoder
+
     knowledge = KnowledgeBase.load(DEFAULT_INDEX_DIR)
     from engine.model.config import RsLvlmConfig
 
@@ -237,10 +228,12 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
         else:
             stream, batch_size = SampleStream(config.data_seed, config.n_scenes, image_size, scenes_seen,
                                               task_mix(config), tuple(config.vqa_qtypes)), config.batch_size
-        loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=_as_list,
+        # Batches are collated in the worker (question embeddings, detection targets), beside training.
+        loader = torch.utils.data.DataLoader(stream, batch_size=batch_size,
+                                             collate_fn=collate.detector_batch if phase == "detector" else collate,
                                              worker_init_fn=_one_thread, num_workers=config.num_workers,
                                              prefetch_factor=4 if config.num_workers else None)
-        for samples in loader:
+        for batch in loader:
             now = time.perf_counter() - started
             if step >= config.max_steps or now >= budget_s or (phase == "detector" and now >= warmup_s):
                 break
@@ -248,10 +241,10 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config, progress)
             with autocast:
-                out = _forward(model, collate, samples, device, detector_only=phase == "detector")
+                out = _forward(model, batch, device, detector_only=phase == "detector")
             _optimise(model, optimizer, out.loss)
             step += 1
-            scenes_seen += len(samples)
+            scenes_seen += int(batch["pixel_values"].shape[0])
             window.append(float(out.loss.detach()))
             bar.update(1)
             if step % config.log_every == 0:
@@ -268,10 +261,6 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
     bar.close()
     return _finish(model, optimizer, tokenizer, config, device, run_dir, out_dir, step, scenes_seen,
                    time.perf_counter() - started)
-
-
-def _as_list(samples: list) -> list:
-    return samples
 
 
 def _one_thread(_: int) -> None:
@@ -292,17 +281,8 @@ class _DetectorOutput:
         self.loss = self.detection_loss = loss
 
 
-def _forward(model, collate: Collator, samples: list, device: str, detector_only: bool):
+def _forward(model, batch: dict, device: str, detector_only: bool):
     """One batch through the model (nanoGPT style: the model returns its own loss)."""
-    if detector_only:
-        from engine.model.detector import detection_loss
-        from engine.model.image_processing import preprocess_images
-
-        pixels = preprocess_images([s.image for s in samples], collate.image_size).to(device)
-        targets = collate.detection_targets(samples)
-        targets = type(targets)(*(t.to(device) for t in targets))
-        return _DetectorOutput(detection_loss(model.vision.detector(pixels), targets))
-    batch = collate(samples)
     moved = {}
     for k, v in batch.items():
         if isinstance(v, dict):
@@ -311,6 +291,11 @@ def _forward(model, collate: Collator, samples: list, device: str, detector_only
             moved[k] = type(v)(*(t.to(device) for t in v))
         else:
             moved[k] = v.to(device)
+    if detector_only:
+        from engine.model.detector import detection_loss
+
+        raw = model.vision.detector(moved["pixel_values"].to(model.dtype))
+        return _DetectorOutput(detection_loss(raw, moved["detection_targets"]))
     return model(**moved)
 
 

@@ -1,0 +1,41 @@
+"""Training batches: the task mix per scene, grounding answers as reference slots, dense targets."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from engine.knowledge import KnowledgeBase, SentenceEncoder
+from engine.lab.batches import Collator, SampleStream
+from engine.lab.train import DEFAULT_INDEX_DIR
+from engine.model.config import RsLvlmConfig
+from engine.model.tokenizer import build_tokenizer
+
+MIX = {"caption": 1, "vqa": 3, "ground": 2, "classify": 1}
+
+
+@pytest.fixture(scope="module")
+def samples():
+    stream = SampleStream(3, 100, 64, task_mix=MIX, vqa_qtypes=("colour",))
+    return list(itertools.islice(iter(stream), 14))            # two scenes
+
+
+def test_each_scene_gives_the_configured_task_mix(samples):
+    assert [s.task for s in samples[:7]] == ["caption", "vqa", "vqa", "vqa", "ground", "ground", "classify"]
+    assert samples[0].image is samples[6].image                # one rendering per scene
+
+
+def test_the_collator_writes_grounding_answers_as_slots_with_their_boxes(samples):
+    texts = [s.answer for s in samples] + [s.question for s in samples]
+    tokenizer = build_tokenizer(texts * 3, vocab_size=600)
+    config = RsLvlmConfig(image_size=64, vision_backbone="centernet", vocab_size=len(tokenizer))
+    batch = Collator(tokenizer, config, KnowledgeBase.load(DEFAULT_INDEX_DIR), SentenceEncoder())(samples)
+    obj0 = tokenizer.convert_tokens_to_ids("<obj0>")
+    for row, s in enumerate(samples):
+        slots = int((batch["labels"][row] == obj0).sum())
+        assert slots == (1 if s.task == "ground" else 0)
+        n_boxes = int((batch["slot_boxes"][row, :, 0] >= 0).sum())
+        assert n_boxes == (len(s.boxes) if s.task == "ground" else 0)
+    assert batch["detection_targets"].heatmap.shape == (len(samples), 8, 16, 16)
+    assert np.isclose(float(batch["detection_targets"].heatmap.max()), 1.0)
