@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from . import __version__
 from .errors import BAD_REQUEST, EMPTY_REGION, NO_MODEL, EngineError
 from .paths import DEFAULT_MODEL_DIR
-from .protocol.schema import AskParams
+from .protocol.schema import MAX_PATH_CHARS, AskParams
 from .tasks import canonical_precision
 
 log = logging.getLogger("engine.service")
@@ -53,21 +53,21 @@ class SilentContext:
 
 
 def model_image_size(model_dir: Path) -> int:
-    """The model's input size from config.json, read without loading torch (cheap validation)."""
-    config_path = model_dir / "config.json"
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-            size = config.get("image_size") or (config.get("vision_config") or {}).get("image_size")
-            return int(size or DEFAULT_IMAGE_SIZE)
-        except (ValueError, OSError):
-            return DEFAULT_IMAGE_SIZE
-    return DEFAULT_IMAGE_SIZE
+    """The model's input size from its config.json (bounds-checked), read without loading torch."""
+    from .backends import checkpoint_config
+
+    config = checkpoint_config(model_dir)
+    size = config.get("image_size") or (config.get("vision_config") or {}).get("image_size")
+    return int(size or DEFAULT_IMAGE_SIZE)
 
 
 def require_model_dir(model_dir: Path) -> None:
     """Fail with the message an analyst needs when there is no checkpoint yet."""
-    if not (model_dir / "config.json").is_file():
+    try:
+        present = (model_dir / "config.json").is_file()
+    except OSError as exc:                       # a path component longer than the file system allows
+        raise EngineError(NO_MODEL, f"the model path cannot be used: {exc.strerror or exc}") from None
+    if not present:
         raise EngineError(
             NO_MODEL,
             f"no model checkpoint at {model_dir} (config.json missing). Train the embedded model with "
@@ -144,9 +144,13 @@ class EngineService:
                                       rasterio=rasterio.__version__, gdal=rasterio.__gdal_version__)
         except ImportError as exc:  # pragma: no cover - reported, not fatal
             result["versions"]["missing"] = str(exc)
-        model = params.get("model")
-        model_dir = Path(model) if isinstance(model, str) and model else self.default_model
-        if (model_dir / "config.json").is_file() and params.get("load_model", True):
+        model = params.get("model") if isinstance(params, dict) else None
+        if model is not None and (not isinstance(model, str) or len(model) > MAX_PATH_CHARS or "\x00" in model):
+            raise EngineError(BAD_REQUEST, f"parameter 'model' must be a path of at most {MAX_PATH_CHARS} characters")
+        model_dir = Path(model) if model else self.default_model
+        from .backends import checkpoint_config
+
+        if checkpoint_config(model_dir) and params.get("load_model", True):   # present and within bounds
             result["model"] = {"loaded": True, **self.pipeline(str(model_dir), device).info()}
         else:
             result["model"] = {"loaded": False, "path": str(model_dir),
@@ -170,6 +174,7 @@ class EngineService:
         chip = read_chip(p.raster, bbox=p.bbox, bbox_crs=p.bbox_crs, region_wkt=p.region_wkt,
                          region_crs=p.region_crs, size=model_image_size(model_dir), bands=p.bands)
         refuse_tiny_region(chip)
+        refuse_outputs_without_crs(chip, p)
         timing["window_s"] = time.perf_counter() - t0
         ctx.check_cancelled()
 
@@ -191,8 +196,6 @@ class EngineService:
 
         warnings = list(chip.warnings) + list(getattr(pipeline, "load_warnings", []))
         if chip.crs is None:
-            if p.out_crs is not None:
-                raise EngineError(BAD_REQUEST, "the raster has no CRS, so out_crs cannot be applied")
             crs_text = None
             warnings.append("the raster has no CRS: wkt and extent are in the raster's pixel coordinates")
         else:
@@ -223,6 +226,18 @@ class EngineService:
         result["timing"] = {k: round(v, 4) for k, v in timing.items() if isinstance(v, (int, float))}
         ctx.progress(total_steps, total_steps, "done")
         return result
+
+
+def refuse_outputs_without_crs(chip: Any, p: AskParams) -> None:
+    """Before the model runs: what a raster without a CRS cannot give (a reprojection, GeoJSON,
+    which is WGS 84 by definition)."""
+    if chip.crs is not None:
+        return
+    if p.out_crs is not None:
+        raise EngineError(BAD_REQUEST, "the raster has no CRS, so out_crs cannot be applied; leave it out "
+                                       "(results are then in the raster's pixel coordinates)")
+    if p.out and Path(p.out).suffix.lower() in (".geojson", ".json"):
+        raise EngineError(BAD_REQUEST, "the raster has no CRS and GeoJSON is always WGS 84: write a .gpkg or .shp")
 
 
 def refuse_tiny_region(chip: Any) -> None:

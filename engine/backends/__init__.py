@@ -24,7 +24,7 @@ from engine.model.errors import PICKLE_SUFFIXES
 
 log = logging.getLogger("engine.backends")
 
-__all__ = ["load_pipeline", "backend_for", "read_config", "PICKLE_SUFFIXES", "is_original_llava"]
+__all__ = ["load_pipeline", "backend_for", "read_config", "checkpoint_config", "PICKLE_SUFFIXES", "is_original_llava"]
 
 
 
@@ -43,6 +43,22 @@ def read_config(model_dir: Path) -> dict:
     except (OSError, ValueError, RecursionError) as exc:
         raise EngineError(BAD_CHECKPOINT, f"{path} is not valid JSON: {str(exc)[:200]}") from None
     return check_config(config, str(path))
+
+
+def checkpoint_config(model_dir: Path | str) -> dict:
+    """The bounds-checked config.json of a folder, ``{}`` when there is none (yet).
+
+    For the cheap look-ups made before any model is loaded (input size, name, training ground
+    size): a config that is there but broken or absurd is refused here as well, with its figures.
+    """
+    try:
+        return read_config(Path(model_dir))
+    except EngineError as exc:
+        if exc.code == NO_MODEL:
+            return {}
+        raise
+    except OSError as exc:                       # e.g. a path component longer than the file system allows
+        raise EngineError(NO_MODEL, f"the model path cannot be used: {exc.strerror or exc}") from None
 
 
 def is_original_llava(config: dict) -> bool:

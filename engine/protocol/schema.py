@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from engine.errors import BAD_REQUEST, EngineError
+from engine.protocol.wire import clean_text
 from engine.tasks import BACKENDS, PRECISIONS, SCAN_TASKS, TASKS, canonical_precision, canonical_task
 
 __all__ = ["Field", "ASK_FIELDS", "SCAN_FIELDS", "AskParams", "ScanParams", "validate", "add_arguments",
@@ -105,6 +106,7 @@ def _check(field: Field, value: Any) -> Any:
             raise _bad(f"parameter {name!r} has {len(value)} characters; at most {limit} are accepted")
         if "\x00" in value:
             raise _bad(f"parameter {name!r} contains a NUL character")
+        value = clean_text(value)                 # lone surrogates (from JSON escapes) cannot be encoded
         if value == "" and kind != "text":
             if kind == "wkt":
                 raise _bad("parameter 'region_wkt' is empty: give a polygon, or leave it out for the whole view")
@@ -119,7 +121,7 @@ def _check(field: Field, value: Any) -> Any:
             raise _bad(f"{name} must be an integer between {field.low:g} and {field.high:g}")
         return value
     if kind == "float":
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite(value):
             raise _bad(f"{name} must be a number between {field.low:g} and {field.high:g}")
         if not field.low <= value <= field.high:
             raise _bad(f"{name} must be a number between {field.low:g} and {field.high:g}")
@@ -128,9 +130,13 @@ def _check(field: Field, value: Any) -> Any:
         if (not isinstance(value, (list, tuple)) or len(value) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
             raise _bad("bbox must be a list of 4 numbers [xmin, ymin, xmax, ymax]")
-        if not all(math.isfinite(v) for v in value):
-            raise _bad("bbox must be 4 finite numbers (no NaN or infinity)")
-        return tuple(float(v) for v in value)
+        try:
+            box = tuple(float(v) for v in value)
+        except OverflowError:                     # an integer beyond any float
+            box = (math.inf,)
+        if not all(math.isfinite(v) for v in box):
+            raise _bad("bbox must be 4 finite numbers (no NaN, infinity or numbers beyond a float)")
+        return box
     if kind == "bands":
         if (not isinstance(value, list) or not 1 <= len(value) <= 4
                 or not all(isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= 65535 for b in value)):
@@ -139,6 +145,13 @@ def _check(field: Field, value: Any) -> Any:
     if kind == "history":
         return _history(value)
     raise AssertionError(f"unknown field kind {kind!r}")           # a bug in the table, not in the input
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:                         # an integer beyond any float
+        return False
 
 
 def _choice(field: Field, value: str) -> str:
@@ -171,7 +184,7 @@ def _history(value: Any) -> list[dict]:
         for key in ("question", "answer"):
             if len(turn[key]) > MAX_QUESTION_CHARS:
                 raise _bad(f"a history {key} has {len(turn[key])} characters; at most {MAX_QUESTION_CHARS}")
-        turns.append({"question": turn["question"], "answer": turn["answer"]})
+        turns.append({"question": clean_text(turn["question"]), "answer": clean_text(turn["answer"])})
     return turns
 
 

@@ -90,3 +90,15 @@ def test_scan_params_need_an_output_and_a_scan_task():
                 {"raster": "x.tif", "out": "o.gpkg", "tile": 2}):
         with pytest.raises(EngineError):
             ScanParams.from_dict(bad)
+
+
+def test_numbers_beyond_any_float_and_lone_surrogates_are_handled_at_the_edge():
+    with pytest.raises(EngineError) as info:
+        AskParams.from_dict({"raster": "x.tif", "bbox": [0, 0, 10 ** 400, 1]})
+    assert info.value.code == "bad_request" and "finite" in info.value.message
+    with pytest.raises(EngineError):
+        ScanParams.from_dict({"raster": "x.tif", "out": "o.gpkg", "min_score": 10 ** 400})
+    checked = AskParams.from_dict({"raster": "x.tif", "task": "vqa", "question": "ships\ud800?",
+                                   "history": [{"question": "q\udfff", "answer": "a"}]})
+    assert checked.question == "ships\ufffd?" and checked.history[0]["question"] == "q\ufffd"
+    checked.question.encode("utf-8")
