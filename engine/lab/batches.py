@@ -85,6 +85,7 @@ class Collator:
         self.image_size = int(config.image_size)
         self.question_encoder = question_encoder
         self.object_centric = getattr(config, "vision_backbone", "vit") == "centernet"
+        self.with_detection_targets = self.object_centric    # off when the detector is frozen
         self._question_cache: dict[str, np.ndarray] = {}
 
     def question_embeds(self, questions: list[str]) -> torch.Tensor:
@@ -159,7 +160,8 @@ class Collator:
                  "question_embeds": self.question_embeds([s.question for s in samples]),
                  "retrieval_targets": targets}
         if self.object_centric:
-            batch["detection_targets"] = self.detection_targets(samples)
+            if self.with_detection_targets:
+                batch["detection_targets"] = self.detection_targets(samples)
             width = max([1] + [len(r) for r in slots])
             boxes = torch.full((len(samples), width, 4), -1.0)
             for row, r in enumerate(slots):

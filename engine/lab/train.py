@@ -63,6 +63,10 @@ class TrainConfig:
     # first, on batches of detector_batch_size scenes; its detections then feed the object tokens.
     detector_warmup_min: float = 0.0
     detector_batch_size: int = 16
+    # after the warm-up, keep the detector as it is (eval-mode normalisation, no gradient): the
+    # object tokens in training are then exactly the detections seen at inference, and a step
+    # costs one detector forward instead of a forward and a backward
+    freeze_detector: bool = False
 
     @classmethod
     def from_file(cls, path: Path, **overrides) -> "TrainConfig":
@@ -226,6 +230,9 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
             stream, batch_size = SceneStream(config.data_seed, config.n_scenes, image_size, scenes_seen), \
                 config.detector_batch_size
         else:
+            if warmup_s and config.freeze_detector:
+                model.vision.detector.eval().requires_grad_(False)
+                collate.with_detection_targets = False
             stream, batch_size = SampleStream(config.data_seed, config.n_scenes, image_size, scenes_seen,
                                               task_mix(config), tuple(config.vqa_qtypes)), config.batch_size
         # Batches are collated in the worker (question embeddings, detection targets), beside training.
