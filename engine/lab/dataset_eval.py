@@ -151,7 +151,7 @@ def _failure(item: BenchItem, prediction: str, reason: str, **extra: Any) -> dic
     return out
 
 
-def score_classification(items: list[BenchItem], preds: list[str], classes: Sequence[str]) -> tuple[dict, list]:
+def score_classification(items: list[BenchItem], preds: list[str], classes: Sequence[str] = ()) -> tuple[dict, list]:
     """Accuracy: the answer equals the item's class ignoring case, spaces and punctuation (GeoChat's
     matching); per-class accuracy; answers naming no class of the list are counted apart."""
     keys = {class_key(c) for c in classes}
@@ -171,7 +171,7 @@ def score_classification(items: list[BenchItem], preds: list[str], classes: Sequ
             "answers_outside_class_list": outside}, failures
 
 
-def score_vqa(items: list[BenchItem], preds: list[str]) -> tuple[dict, list]:
+def score_vqa(items: list[BenchItem], preds: list[str], classes: Sequence[str] = ()) -> tuple[dict, list]:
     """Accuracy per question type, and overall both over every type and without count / area
     (published RSVQA numbers differ on this), each as OA (per question) and AA (mean of types)."""
     hits: dict[str, list[int]] = defaultdict(list)
@@ -195,14 +195,18 @@ def score_vqa(items: list[BenchItem], preds: list[str]) -> tuple[dict, list]:
             "overall_without_count_area": overall([t for t in every if t not in COUNT_AREA_TYPES])}, failures
 
 
-def score_grounding(items: list[BenchItem], preds: list[str]) -> tuple[dict, list]:
+def score_grounding(items: list[BenchItem], preds: list[str], classes: Sequence[str] = ()) -> tuple[dict, list]:
     """Acc@0.5, Acc@0.7 and mean IoU over reference boxes; a parse failure (no box in the answer)
     is a miss (IoU 0) and is also counted apart.  Referring items compare the answer's first box
     (extra boxes are never rewarded); items with several reference boxes match greedily 1:1."""
     ious: list[float] = []
     by_type: dict[str, list[float]] = defaultdict(list)
-    failures, parse_failures = [], 0
+    failures, parse_failures, unusable = [], 0, 0
     for it, p in zip(items, preds):
+        if not it.boxes:          # a reference that could not be read: reported, never scored
+            unusable += 1
+            failures.append(_failure(it, p, "reference has no readable box"))
+            continue
         boxes = parse_boxes(p)
         if not boxes:
             parse_failures += 1
@@ -222,11 +226,12 @@ def score_grounding(items: list[BenchItem], preds: list[str]) -> tuple[dict, lis
                 "mean_iou": sum(values) / n if n else 0.0, "n_boxes": n}
 
     out = summary(ious)
-    out.update({"parse_failures": parse_failures, "per_type": {t: summary(v) for t, v in sorted(by_type.items())}})
+    out.update({"parse_failures": parse_failures, "items_without_reference_box": unusable,
+                "per_type": {t: summary(v) for t, v in sorted(by_type.items())}})
     return out, failures
 
 
-def score_captions(items: list[BenchItem], preds: list[str]) -> tuple[dict, list]:
+def score_captions(items: list[BenchItem], preds: list[str], classes: Sequence[str] = ()) -> tuple[dict, list]:
     """Corpus BLEU-4 and CIDEr (pycocoevalcap) over every evaluated image; empty answers listed."""
     scores = caption_scores(preds, [it.references for it in items])
     failures = [_failure(it, p, "empty caption") for it, p in zip(items, preds) if not p.strip()]
@@ -248,10 +253,7 @@ def evaluate_pipeline(pipeline: Any, bench: Benchmark, n: int | None = None, max
     preds, prompts = _predict(pipeline, bench, items, max_new_tokens, batch, progress)
     t_predict = time.perf_counter() - t0
     task = items[0].task
-    if task == "classify":
-        metrics, failures = score_classification(items, preds, bench.classes)
-    else:
-        metrics, failures = SCORERS[task](items, preds)
+    metrics, failures = SCORERS[task](items, preds, bench.classes)
     files = list(bench.annotation_files) + [it.image for it in items]
     path = model_dir if model_dir is not None else getattr(pipeline, "model_dir", None)
     return {

@@ -317,3 +317,14 @@ def test_embedded_model_evaluates_a_folder_per_class_set_of_synthetic_scenes(tmp
     assert result["prompts"]["classify"]["example_rendered"].startswith(
         "<image>\n[classify] Classify the image within one of the given classes: airport, bare land, ")
     assert result["model"]["backend"] == "rs_lvlm" and len(result["dataset"]["sha256"]) == 64
+
+
+def test_synthetic_scenes_are_written_in_every_format_the_evaluator_reads(tmp_path):
+    from engine.lab.synthetic_benchmarks import write_synthetic_benchmarks
+
+    specs = write_synthetic_benchmarks(tmp_path, seed=3, n=16)          # four samples per task
+    counts = {fmt: len(read_benchmark(spec).items) for fmt, spec in specs.items()}
+    assert {counts[f] for f in ("scenes", "rsvqa", "geochat-bench", "captions")} == {4}
+    assert 1 <= counts.get("dior-rsvg", 1) <= 4
+    (item, *_) = read_benchmark(specs["geochat-bench"]).items
+    assert item.boxes and not item.text.startswith("[")                 # the phrase, no task token
