@@ -318,7 +318,8 @@ def read_geochat_bench(path: str | os.PathLike, split: str | None = None) -> Ben
 # -- captions ---------------------------------------------------------------------------------
 def read_captions(path: str | os.PathLike, split: str | None = "test") -> Benchmark:
     """Caption items of ``split`` (Karpathy ``split`` field; every image when absent) with all
-    their reference sentences."""
+    their reference sentences; images in ``images/``, ``imgs/``, next to the JSON or in any
+    folder beside it (RSICD's ``RSICD_images/``)."""
     path = Path(path)
     if path.is_dir():
         candidates = sorted(path.glob("dataset*.json")) or sorted(path.glob("*.json"))
@@ -328,6 +329,7 @@ def read_captions(path: str | os.PathLike, split: str | None = "test") -> Benchm
     data = json.loads(path.read_text(encoding="utf-8"))
     records = data.get("images", []) if isinstance(data, dict) else data
     folder = path.parent
+    bases = [folder / "images", folder / "imgs", folder] + sorted(p for p in folder.iterdir() if p.is_dir())
     items = []
     for i, rec in enumerate(records):
         if split and rec.get("split") not in (None, split):
@@ -335,8 +337,7 @@ def read_captions(path: str | os.PathLike, split: str | None = "test") -> Benchm
         name = str(rec.get("filename") or rec.get("image"))
         refs = [str(s.get("raw", "")) if isinstance(s, dict) else str(s)
                 for s in rec.get("sentences") or rec.get("captions") or []]
-        image = next((b / name for b in (folder / "images", folder / "imgs", folder) if (b / name).is_file()),
-                     folder / "images" / name)
+        image = next((b / name for b in bases if (b / name).is_file()), folder / "images" / name)
         items.append(BenchItem(str(rec.get("imgid", name)), image, "caption", "", refs, "caption"))
     return Benchmark("captions", folder, items, [path], [], {
         "tokens": "lower case, punctuation removed (engine.lab.metrics.caption_tokens, no JVM PTBTokenizer)",

@@ -247,7 +247,8 @@ def evaluate_pipeline(pipeline: Any, bench: Benchmark, n: int | None = None, max
     """Score a loaded pipeline on a benchmark; the result is a JSON-ready dict, identical between
     runs on the same model and files except for its ``timing`` section."""
     t0 = time.perf_counter()
-    items = select_items(bench.items, n)
+    missing = [it.key for it in bench.items if not it.image.is_file()]
+    items = select_items([it for it in bench.items if it.image.is_file()], n)
     if not items:
         raise ValueError(f"{bench.root}: no items to evaluate")
     preds, prompts = _predict(pipeline, bench, items, max_new_tokens, batch, progress)
@@ -259,14 +260,15 @@ def evaluate_pipeline(pipeline: Any, bench: Benchmark, n: int | None = None, max
     return {
         "dataset": {"format": bench.format, "path": str(bench.root), "sha256": dataset_checksum(bench.root, files),
                     "files_read": len(set(files)), "items_total": len(bench.items), "items_evaluated": len(items),
-                    "selection": "all" if len(items) == len(bench.items) else f"{len(items)} evenly spread",
+                    "selection": "all" if len(items) + len(missing) == len(bench.items) else f"{len(items)} evenly spread",
                     "classes": list(bench.classes), "conventions": dict(bench.conventions)},
         "model": {"name": getattr(pipeline, "name", None), "path": str(path) if path else None,
                   "backend": getattr(pipeline, "backend", "rs_lvlm"), "image_size": pipeline.image_size},
         "decoding": {"greedy": True, "batch": batch, "order": "dataset order, grouped by identical prompt"},
         "prompts": prompts,
         "task": task,
-        "counts": {"items": len(items), "failures": len(failures)},
+        "counts": {"items": len(items), "failures": len(failures), "missing_images": len(missing)},
+        "missing_images": missing,
         "metrics": metrics,
         "failures": failures,
         "timing": {"predict_s": round(t_predict, 3), "total_s": round(time.perf_counter() - t0, 3)},

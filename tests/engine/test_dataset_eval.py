@@ -328,3 +328,25 @@ def test_synthetic_scenes_are_written_in_every_format_the_evaluator_reads(tmp_pa
     assert 1 <= counts.get("dior-rsvg", 1) <= 4
     (item, *_) = read_benchmark(specs["geochat-bench"]).items
     assert item.boxes and not item.text.startswith("[")                 # the phrase, no task token
+
+
+def test_items_whose_image_is_missing_are_counted_and_not_evaluated(llava, dior):
+    (dior / "JPEGImages" / "00002.jpg").unlink()
+    result = scripted(llava, read_benchmark(f"dior-rsvg:{dior}"), DIOR_ANSWERS[:2])
+    assert result["counts"]["items"] == 2 and result["missing_images"] == ["00002#3"]
+
+
+def test_unknown_format_is_refused_naming_the_formats(tmp_path):
+    with pytest.raises(ValueError, match="dior-rsvg"):
+        read_benchmark(f"sentinel2:{tmp_path}")
+
+
+def test_command_line_prints_the_result_as_one_json_line(llava, ucm, capsys):
+    from engine.lab.dataset_eval import main
+
+    code = main(["--model", str(llava.model_dir), "--dataset", f"ucm:{ucm}", "--n", "2", "--max-new-tokens", "4",
+                 "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["dataset"]["items_evaluated"] == 2 and result["model"]["backend"] == "llava"
