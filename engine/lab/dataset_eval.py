@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine.data.benchmark_formats import Benchmark, BenchItem, class_key, read_benchmark
-from engine.grounding import parse_boxes
+from engine.grounding import GridBox, parse_boxes
 
-from .metrics import box_iou, caption_scores, match_boxes, normalize_answer
+from .metrics import box_iou, box_polygon, caption_scores, match_boxes, normalize_answer
 
 log = logging.getLogger("engine.lab.dataset_eval")
 
@@ -195,12 +195,28 @@ def score_vqa(items: list[BenchItem], preds: list[str], classes: Sequence[str] =
             "overall_without_count_area": overall([t for t in every if t not in COUNT_AREA_TYPES])}, failures
 
 
+def _inter_union(a: GridBox, b: GridBox) -> tuple[float, float]:
+    """Intersection and union areas of two (possibly rotated) boxes, for cumulative IoU."""
+    if a.angle == b.angle == 0:
+        inter = max(0.0, min(a.x2, b.x2) - max(a.x1, b.x1)) * max(0.0, min(a.y2, b.y2) - max(a.y1, b.y1))
+        return inter, (a.x2 - a.x1) * (a.y2 - a.y1) + (b.x2 - b.x1) * (b.y2 - b.y1) - inter
+    pa, pb = box_polygon(a), box_polygon(b)
+    inter = float(pa.intersection(pb).area)
+    return inter, float(pa.area + pb.area - inter)
+
+
+def _box_area(b: GridBox) -> float:
+    return (b.x2 - b.x1) * (b.y2 - b.y1)
+
+
 def score_grounding(items: list[BenchItem], preds: list[str], classes: Sequence[str] = ()) -> tuple[dict, list]:
-    """Acc@0.5, Acc@0.7 and mean IoU over reference boxes; a parse failure (no box in the answer)
-    is a miss (IoU 0) and is also counted apart.  Referring items compare the answer's first box
-    (extra boxes are never rewarded); items with several reference boxes match greedily 1:1."""
+    """Acc@0.5 ... Acc@0.9 and mean IoU over reference boxes, cumulative IoU over referring items;
+    a parse failure (no box in the answer) is a miss (IoU 0) and is also counted apart.
+    Referring items compare the answer's first box (extra boxes are never rewarded); items with
+    several reference boxes match greedily 1:1."""
     ious: list[float] = []
     by_type: dict[str, list[float]] = defaultdict(list)
+    areas = [0.0, 0.0]                       # referring items: sum of intersections, of unions
     failures, parse_failures, unusable = [], 0, 0
     for it, p in zip(items, preds):
         if not it.boxes:          # a reference that could not be read: reported, never scored
@@ -208,25 +224,31 @@ def score_grounding(items: list[BenchItem], preds: list[str], classes: Sequence[
             failures.append(_failure(it, p, "reference has no readable box"))
             continue
         boxes = parse_boxes(p)
+        single = len(it.boxes) == 1
         if not boxes:
             parse_failures += 1
             got = [0.0] * len(it.boxes)
+            inter, union = 0.0, _box_area(it.boxes[0])
             failures.append(_failure(it, p, "no box parsed", iou=0.0))
         else:
-            got = [box_iou(boxes[0], it.boxes[0])] if len(it.boxes) == 1 else match_boxes(boxes, it.boxes)
+            got = [box_iou(boxes[0], it.boxes[0])] if single else match_boxes(boxes, it.boxes)
+            inter, union = _inter_union(boxes[0], it.boxes[0])
             if min(got, default=1.0) < 0.5:
                 failures.append(_failure(it, p, "IoU below 0.5", iou=round(min(got), 6)))
+        if single:
+            areas[0], areas[1] = areas[0] + inter, areas[1] + union
         ious.extend(got)
         by_type[it.qtype].extend(got)
 
     def summary(values: list[float]) -> dict:
         n = len(values)
-        return {"acc@0.5": sum(v >= 0.5 for v in values) / n if n else 0.0,
-                "acc@0.7": sum(v >= 0.7 for v in values) / n if n else 0.0,
-                "mean_iou": sum(values) / n if n else 0.0, "n_boxes": n}
+        out = {f"acc@{t}": sum(v >= t for v in values) / n if n else 0.0 for t in (0.5, 0.6, 0.7, 0.8, 0.9)}
+        out.update({"mean_iou": sum(values) / n if n else 0.0, "n_boxes": n})
+        return out
 
     out = summary(ious)
-    out.update({"parse_failures": parse_failures, "items_without_reference_box": unusable,
+    out.update({"cum_iou_referring": areas[0] / areas[1] if areas[1] else 0.0, "parse_failures": parse_failures,
+                "items_without_reference_box": unusable,
                 "per_type": {t: summary(v) for t, v in sorted(by_type.items())}})
     return out, failures
 

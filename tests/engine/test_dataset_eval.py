@@ -227,6 +227,13 @@ def test_dior_rsvg_acc_at_thresholds_miou_and_parse_failures(llava, dior):
     assert [f["reason"] for f in result["failures"]] == ["no box parsed"]
 
 
+def test_dior_rsvg_cumulative_iou_sums_intersections_over_unions(llava, dior):
+    m = scripted(llava, read_benchmark(f"dior-rsvg:{dior}"), DIOR_ANSWERS)["metrics"]
+    # grid areas: 600 / 600, 600 / 900, and the missed 50 x 50 box: 0 / 2500
+    assert m["cum_iou_referring"] == pytest.approx((600 + 600) / (600 + 900 + 2500))
+    assert (m["acc@0.6"], m["acc@0.8"], m["acc@0.9"]) == pytest.approx((2 / 3, 1 / 3, 1 / 3))
+
+
 def test_dior_rsvg_voc_plus_one_reads_boxes_as_inclusive_pixel_indices(llava, dior):
     bench = read_benchmark(f"dior-rsvg:{dior}", plus_one=True)
     result = scripted(llava, bench, DIOR_ANSWERS)
