@@ -86,9 +86,10 @@ class EngineSetupDialog(QDialog):
         return SetupParameters(self.venv, self.requirements,
                                wheel_dir=Path(wheels) if wheels else None)
 
-    def start(self) -> Optional[EngineSetupTask]:
-        """Queue the set-up task; the dialog may be closed, the task keeps running."""
-        params = self.parameters()
+    def start(self, params: Optional[SetupParameters] = None) -> Optional[EngineSetupTask]:
+        """Queue the set-up task (from the dialog's choices unless ``params`` is given); the
+        dialog may be closed, the task keeps running."""
+        params = params or self.parameters()
         if params is None:
             return None
         settings.set_wheel_dir(str(params.wheel_dir or ""))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from qgis.core import QgsProject, QgsVectorFileWriter, QgsVectorLayer
 
@@ -49,13 +49,9 @@ def default_folder(project: Optional[QgsProject] = None) -> Path:
     return Path(home) if home else Path.home()
 
 
-def table_name(layer: QgsVectorLayer, with_crs: bool = False) -> str:
-    """The table name inside a GeoPackage: ``rs_lvlm_answers`` for "RS-LVLM answers"
-    (``rs_lvlm_answers_epsg_32633`` with the CRS: one table per CRS, as in the project)."""
-    name = layer.name().replace(" ", "_").replace("-", "_").lower()
-    if with_crs:
-        name += "_" + (re.sub(r"\W+", "_", layer.crs().authid()).lower() or "custom_crs")
-    return name
+def table_name(layer: QgsVectorLayer) -> str:
+    """The table name inside a GeoPackage: ``rs_lvlm_answers`` for "RS-LVLM answers"."""
+    return layer.name().replace(" ", "_").replace("-", "_").lower()
 
 
 def export_layer(layer: QgsVectorLayer, path: str, overwrite_file: bool = True,
@@ -88,30 +84,62 @@ def add_to_map(path: str, name: str, layer_name: str = "") -> Optional[QgsVector
     return layer
 
 
-def project_geopackage(project: Optional[QgsProject] = None) -> Optional[Path]:
-    """``<project folder>/<project name>_rs_lvlm.gpkg``, or ``None`` for an unsaved project."""
+def project_geopackage(crs_tag: str = "", project: Optional[QgsProject] = None
+                       ) -> Optional[Path]:
+    """A new ``<project folder>/<project name>_rs_lvlm[_<crs>].gpkg`` (``_2``, ``_3``... when
+    taken), or ``None`` for an unsaved project."""
     project = project or QgsProject.instance()
     if not project.fileName():
         return None
-    return Path(project.homePath()) / f"{Path(project.fileName()).stem}_rs_lvlm.gpkg"
+    stem = Path(project.homePath()) / (f"{Path(project.fileName()).stem}_rs_lvlm"
+                                       + (f"_{crs_tag}" if crs_tag else ""))
+    path, n = stem.with_suffix(".gpkg"), 1
+    while path.exists():
+        n += 1
+        path = stem.with_name(f"{stem.name}_{n}.gpkg")
+    return path
 
 
-def make_permanent(layer: QgsVectorLayer, gpkg: Path) -> QgsVectorLayer:
-    """Replace a memory result layer by the same layer stored in ``gpkg``: same name, style
-    and place in the layer tree, so later answers are appended to the file."""
-    if layer.providerType() != "memory":
-        return layer
-    subset = layer.subsetString()  # every feature goes to the file, not only those shown
-    layer.setSubsetString("")
-    try:
-        written = export_layer(layer, str(gpkg), overwrite_file=False,
-                               table=table_name(layer, with_crs=True))
-    finally:
-        layer.setSubsetString(subset)
-    stored = QgsVectorLayer(f"{written}|layername={table_name(layer, with_crs=True)}",
-                            layer.name(), "ogr")
+def crs_tag(layer: QgsVectorLayer) -> str:
+    """``epsg_32633`` for a layer in EPSG:32633 (``custom_crs`` without an authority id)."""
+    return re.sub(r"\W+", "_", layer.crs().authid()).lower() or "custom_crs"
+
+
+def make_permanent(layers: List[QgsVectorLayer], gpkg: Path) -> Dict[str, QgsVectorLayer]:
+    """Replace memory result layers by the same layers stored in the new GeoPackage ``gpkg``:
+    same names, styles and places in the layer tree, so later answers are appended to the
+    file.  Returns ``{old layer id: stored layer}``.
+
+    Every table is written into a fresh file before any of them is opened: writing with GDAL
+    into a GeoPackage that QGIS holds open (and renders from other threads) corrupts memory in
+    QGIS 3.22; appending through the opened layers' providers is safe.
+    """
+    if gpkg.exists():
+        raise ExportError(f"{gpkg} exists already; results are only stored in a new file.")
+    written: Dict[str, str] = {}
+    for layer in layers:
+        if layer.providerType() != "memory":
+            continue
+        subset = layer.subsetString()  # every feature goes to the file, not only those shown
+        layer.setSubsetString("")
+        try:
+            written[layer.id()] = export_layer(layer, str(gpkg), overwrite_file=not written,
+                                               table=table_name(layer))
+        finally:
+            layer.setSubsetString(subset)
+    stored_layers: Dict[str, QgsVectorLayer] = {}
+    for layer in layers:
+        layer_id = layer.id()  # read before the swap deletes the memory layer
+        if layer_id in written:
+            stored_layers[layer_id] = _swap(layer, written[layer_id])
+    return stored_layers
+
+
+def _swap(layer: QgsVectorLayer, path: str) -> QgsVectorLayer:
+    """Open table ``layer`` of ``path`` in place of the memory ``layer``, with its style."""
+    stored = QgsVectorLayer(f"{path}|layername={table_name(layer)}", layer.name(), "ogr")
     if not stored.isValid():
-        raise ExportError(f"Could not open {written} after writing it.")
+        raise ExportError(f"Could not open {path} after writing it.")
     stored.setRenderer(layer.renderer().clone())
     if layer.labeling() is not None:
         stored.setLabeling(layer.labeling().clone())

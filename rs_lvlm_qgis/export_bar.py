@@ -2,7 +2,7 @@
 
 Kept out of the dock so the dock stays about asking.  An export proposes a file name from the
 raster and the time and adds the written file to the map; "Keep in project GeoPackage" turns
-the memory layers into layers of ``<project>_rs_lvlm.gpkg`` after every answer, so results
+the memory layers into layers of ``<project>_rs_lvlm_<crs>.gpkg`` after every answer, so results
 survive closing QGIS without the analyst remembering to export.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from qgis.core import Qgis, QgsProject
+from qgis.core import Qgis
 from qgis.PyQt.QtWidgets import QCheckBox, QFileDialog, QGridLayout, QPushButton, QWidget
 
 from . import export, result_layers, settings
@@ -31,8 +31,9 @@ class ExportBar(QWidget):
         self.exportDetectionsButton.setObjectName("exportDetectionsButton")
         self.persistCheck = QCheckBox("Keep in project GeoPackage", self)
         self.persistCheck.setObjectName("persistCheck")
-        self.persistCheck.setToolTip("Store the answers and detections in <project>_rs_lvlm.gpkg "
-                                     "next to the saved project instead of scratch layers")
+        self.persistCheck.setToolTip("Store the answers and detections in "
+                                     "<project>_rs_lvlm_<crs>.gpkg next to the saved project "
+                                     "instead of scratch layers")
         self.persistCheck.setChecked(settings.keep_in_project())
         self.persistCheck.toggled.connect(settings.set_keep_in_project)
         self.persistCheck.toggled.connect(lambda on: on and self.keep_in_project())
@@ -73,23 +74,32 @@ class ExportBar(QWidget):
         return written
 
     def keep_in_project(self) -> None:
-        """With the option on, store the scratch result layers in the saved project's
-        GeoPackage (later answers are appended to the file)."""
+        """With the option on, store the scratch result layers in GeoPackages next to the saved
+        project, one per CRS holding both layers (later answers are appended to them)."""
         if not self.persistCheck.isChecked():
             return
-        gpkg = export.project_geopackage()
-        if gpkg is None:
+        if export.project_geopackage() is None:
             self.dock.show_message("Save the project first to keep the results in its "
                                    "GeoPackage.", Qgis.Warning)
             return
-        for kind, name in KINDS.items():
-            for layer in QgsProject.instance().mapLayersByName(name):
-                try:
-                    stored = export.make_permanent(layer, gpkg)
-                except export.ExportError as exc:
-                    self.dock.show_message(str(exc), Qgis.Warning)
-                    return
-                if self.dock.last_layers.get(kind) is layer:
-                    self.dock.last_layers[kind] = stored
-                if self.dock.results.layers.get(kind) is layer:
-                    self.dock.results.layers[kind] = stored
+        for answers in result_layers.find_layers(result_layers.ANSWERS_LAYER):
+            if answers.providerType() != "memory":
+                continue
+            # both tables go into one new file at once (no later writes into an open file)
+            group = {"answers": answers, "detections": result_layers.detections_layer(answers.crs())}
+            ids = {kind: layer.id() for kind, layer in group.items()}
+            try:
+                stored = export.make_permanent(list(group.values()),
+                                               export.project_geopackage(export.crs_tag(answers)))
+            except export.ExportError as exc:
+                self.dock.show_message(str(exc), Qgis.Warning)
+                return
+            for kind, old in group.items():
+                new = stored.get(ids[kind])
+                if new is None:
+                    continue
+                if kind == "answers":
+                    result_layers.label_newest(new)  # the file's feature ids are new ones
+                for held in (self.dock.last_layers, self.dock.results.layers):
+                    if held.get(kind) is old:
+                        held[kind] = new

@@ -54,9 +54,9 @@ DETECTION_FIELDS = ("label:string(80)", "score:double", "question:string(254)",
                     "raster:string(254)", "model:string(80)", "created:string(32)")
 ANSWER_COLOR = "30,110,220"  # blue: apart from the orange region being drawn
 DETECTION_COLOR = "230,0,70"
-# Only the newest answer on a region gets a label: repeated questions would stack otherwise.
-ANSWER_LABEL = ("if($id = maximum($id, group_by:=geom_to_wkt($geometry)), "
-                "if(length(\"answer\") > 60, left(\"answer\", 59) || '…', \"answer\"), NULL)")
+# Answers are labelled with their first 60 characters, and only the newest answer on a region
+# (see label_newest): repeated questions about one region would stack their labels otherwise.
+ANSWER_TEXT = "if(length(\"answer\") > 60, left(\"answer\", 59) || '…', \"answer\")"
 DETECTION_LABEL = "\"label\" || ' ' || format_number(\"score\", 2)"
 
 
@@ -88,6 +88,12 @@ def _style(layer: QgsVectorLayer, outline: str, fill: str, label_expression: str
     layer.setLabelsEnabled(True)
 
 
+def find_layers(name: str) -> List[QgsVectorLayer]:
+    """Every result layer of that name in the project (one per CRS)."""
+    return [layer for layer in QgsProject.instance().mapLayersByName(name)
+            if isinstance(layer, QgsVectorLayer)]
+
+
 def find_layer(name: str, crs: Optional[QgsCoordinateReferenceSystem] = None
                ) -> Optional[QgsVectorLayer]:
     """The project's result layer of that name (in that CRS, if given)."""
@@ -117,7 +123,7 @@ def answers_layer(crs: QgsCoordinateReferenceSystem) -> QgsVectorLayer:
     """The answers layer in ``crs`` (created, styled and grouped on first use)."""
     # outline only: repeated questions about one region stack up, a fill would turn opaque
     return _layer(ANSWERS_LAYER, crs, ANSWER_FIELDS, ANSWER_COLOR, ANSWER_COLOR + ",0",
-                  ANSWER_LABEL)
+                  ANSWER_TEXT)
 
 
 def detections_layer(crs: QgsCoordinateReferenceSystem) -> QgsVectorLayer:
@@ -133,6 +139,23 @@ def _set(feature: QgsFeature, **values: Any) -> None:
     for name, value in values.items():
         if name in names:
             feature.setAttribute(name, value)
+
+
+def label_newest(layer: QgsVectorLayer) -> None:
+    """Label only the newest answer of each region.  The ids are written into the label
+    expression rather than found by an aggregate, which would run over the layer from the
+    render thread while the analyst edits or removes it."""
+    newest: Dict[str, int] = {}
+    for feature in layer.getFeatures():
+        key = feature.geometry().asWkt(3) if feature.hasGeometry() else ""
+        newest[key] = max(newest.get(key, feature.id()), feature.id())
+    labeling = layer.labeling()
+    if labeling is None or not newest:
+        return
+    settings = QgsPalLayerSettings(labeling.settings())
+    ids = ", ".join(str(fid) for fid in sorted(newest.values()))
+    settings.fieldName = f"if($id IN ({ids}), {ANSWER_TEXT}, NULL)"
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(settings))
 
 
 def _append(layer: QgsVectorLayer, features: List[QgsFeature]) -> List[int]:
@@ -170,6 +193,7 @@ def add_result(result: Dict[str, Any], question: str, task: str,
     _set(feature, task=task, question=question, answer=answer_text.readable_answer(result),
          raw=answer_text.raw_output(result), raster=raster, model=model, created=created)
     answer_ids = _append(answers, [feature])
+    label_newest(answers)
 
     boxes = [b for b in (result.get("boxes") or []) if isinstance(b, dict) and b.get("wkt")]
     detections = None

@@ -1,6 +1,7 @@
 """Run inside real QGIS (``qgis --code``, see scripts/screenshot.sh): draw a region on the sample
-raster, ask a grounding question and a caption through the real engine, wait for the map to
-render, save the main window to a PNG and quit.
+raster, ask a grounding question, a caption and a question with a follow-up through the real
+engine, wait for the map to render, save the main window to a PNG, then the views of issue 14
+beside it (the dock's answer panel, the knowledge base, a failed offline engine set-up) and quit.
 
 Exit status (the whole QGIS process): 0 saved with an answer and detections, 3 saved but the
 engine gave no answer or no boxes, 4 timed out, 5 the script itself failed.  Settings come from
@@ -10,7 +11,9 @@ import collections
 import json
 import os
 import sys
+import tempfile
 import traceback
+from pathlib import Path
 
 from qgis.core import QgsGeometry, QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings
 from qgis.PyQt.QtCore import QTimer
@@ -19,7 +22,8 @@ from qgis.utils import iface, plugins
 OUT = os.environ.get("RS_LVLM_SCREENSHOT_OUT", "docs/images/qgis_screenshot.png")
 TIMEOUT_MS = int(float(os.environ.get("RS_LVLM_SCREENSHOT_TIMEOUT_S", "600")) * 1000)
 FALLBACK_QUESTIONS = ("Locate all buildings.", "Locate all vehicles.", "")
-FINAL_QUESTION = ("caption", "")
+FOLLOW_UPS = [("caption", ""), ("vqa", "How many buildings are there?"),
+              ("vqa", "And how many of them are large?")]
 MAX_TOKENS = int(os.environ.get("RS_LVLM_SCREENSHOT_MAX_TOKENS", "96"))
 
 
@@ -57,6 +61,7 @@ class ScreenshotRun:
         self.answers = 0
         self.failed = ""
         self.phase = "ground"
+        self.follow_ups = list(FOLLOW_UPS)
         self.done = False
 
     def start(self):
@@ -94,7 +99,7 @@ class ScreenshotRun:
 
     def ask(self, task, question):
         _log(f"asking {task}: {question!r}")
-        self.dock.taskCombo.setCurrentIndex(self.dock.taskCombo.findText(task))
+        self.dock.taskCombo.setCurrentIndex(self.dock.taskCombo.findData(task))
         self.dock.questionEdit.setCurrentText(question)
         if self.dock.ask() is None:
             self.failed = self.dock.statusLabel.text()
@@ -105,7 +110,7 @@ class ScreenshotRun:
             self.ask("ground", self.pending.pop(0))
         else:
             self.phase = "final"
-            self.ask(*FINAL_QUESTION)
+            self.ask(*self.follow_ups.pop(0))
 
     def on_answered(self, result):
         self.answers += 1
@@ -113,6 +118,8 @@ class ScreenshotRun:
             self.boxes += len(result.get("boxes") or [])
             if self.boxes:
                 self.phase = "final"
+            QTimer.singleShot(0, self.next_question)
+        elif self.follow_ups:
             QTimer.singleShot(0, self.next_question)
         else:
             QTimer.singleShot(0, self.finish)
@@ -145,9 +152,49 @@ class ScreenshotRun:
              f"failure={self.failed or 'none'}")
         if code is None:
             code = 0 if ok and self.answers and self.boxes and not self.failed else 3
+        self.exit_code = code
+        try:
+            self.save_views()
+        except Exception:  # the main screenshot is saved; report the views and leave
+            traceback.print_exc()
+            self.leave()
+
+    def _image(self, name):
+        return os.path.join(os.path.dirname(os.path.abspath(OUT)), name)
+
+    def save_views(self):
+        """The answer panel, the knowledge base and a failed offline set-up, one PNG each."""
+        self.dock.results.boxesList.setCurrentItem(self.dock.results.boxesList.topLevelItem(0))
+        self.dock.grab().save(self._image("dock_answer.png"), "PNG")
+        from rs_lvlm_qgis.knowledge_dialog import KnowledgeDialog
+
+        knowledge = KnowledgeDialog(iface.mainWindow())
+        knowledge.show()
+        knowledge.searchEdit.setText("storage")
+        knowledge.table.selectRow(0)
+        knowledge.grab().save(self._image("knowledge_dialog.png"), "PNG")
+        knowledge.close()
+        from rs_lvlm_qgis.engine_setup_dialog import EngineSetupDialog
+
+        self.setup = EngineSetupDialog(iface.mainWindow())
+        self.setup.show()
+        params = self.setup.parameters()
+        params.venv_dir = Path(tempfile.mkdtemp()) / "venv"  # never the real per-user venv
+        params.index_url = "http://127.0.0.1:9/"  # an index that cannot be reached: offline
+        task = self.setup.start(params)
+        task.taskTerminated.connect(lambda: QTimer.singleShot(500, self.save_setup))
+        task.taskCompleted.connect(lambda: QTimer.singleShot(500, self.save_setup))
+        QTimer.singleShot(120000, self.leave)
+
+    def save_setup(self):
+        self.setup.grab().save(self._image("engine_setup_offline.png"), "PNG")
+        _log(f"set-up dialog: {self.setup.summary.text()}")
+        self.leave()
+
+    def leave(self):
         QgsProject.instance().setDirty(False)
         sys.stderr.flush()
-        os._exit(code)
+        os._exit(self.exit_code)
 
 
 def _start():

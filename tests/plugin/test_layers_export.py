@@ -149,10 +149,12 @@ def test_keep_in_project_stores_result_layers_in_the_project_geopackage(offline_
     try:
         answers = result_layers.find_layer(result_layers.ANSWERS_LAYER)
         assert answers.providerType() == "ogr"
-        assert answers.source().startswith(str(tmp_path / "survey_rs_lvlm.gpkg"))
+        assert answers.source().startswith(str(tmp_path / "survey_rs_lvlm_epsg_32633.gpkg"))
         result_layers.add_result(engine_style_result(), "again", "ground", raster="/x.tif")
-        srs, rows, _ds = _read_back(tmp_path / "survey_rs_lvlm.gpkg", "rs_lvlm_detections_epsg_32633")
-        assert len(rows) == 4  # later answers are appended to the file
-        assert [r[0]["raster"] for r in rows[-2:]] == ["/x.tif", "/x.tif"]
+        stored = result_layers.find_layer(result_layers.DETECTIONS_LAYER)
+        assert stored.source().endswith("survey_rs_lvlm_epsg_32633.gpkg|layername=rs_lvlm_detections")
+        rasters = [feature["raster"] for feature in stored.getFeatures()]
+        assert len(rasters) == 4  # later answers are appended to the file
+        assert rasters[-2:] == ["/x.tif", "/x.tif"]
     finally:
         offline_dock.exports.persistCheck.setChecked(False)
