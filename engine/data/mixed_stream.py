@@ -10,7 +10,7 @@ through a fresh permutation per epoch, so no item repeats before its source is e
 
 Items come from the evaluator's readers (:mod:`engine.data.benchmark_formats`) and are turned
 into training :class:`~engine.data.instructions.Sample` objects with the **same questions the
-evaluator asks the embedded model** (:data:`engine.lab.dataset_eval.PROMPTS`), so a before/after
+evaluator asks** the backend family (:data:`engine.lab.dataset_eval.PROMPTS`), so a before/after
 comparison measures what was trained.  (LLaVA / GeoChat instruction JSON is read for training by
 :func:`engine.data.real_datasets.load_llava_json`; it is not one of this stream's formats yet.)
 """
@@ -56,12 +56,13 @@ def parse_sources(entries: Sequence[str | dict]) -> list[Source]:
     return sources
 
 
-def item_sample(item: BenchItem, classes: Sequence[str], image: np.ndarray, rng: np.random.Generator) -> Sample:
-    """A benchmark item as a training sample: the evaluator's question for the embedded model and
-    the reference as answer (boxes written on the integer grid, a caption drawn from the refs)."""
+def item_sample(item: BenchItem, classes: Sequence[str], image: np.ndarray, rng: np.random.Generator,
+                family: str = "rs_lvlm") -> Sample:
+    """A benchmark item as a training sample: the evaluator's question for the backend ``family``
+    and the reference as answer (boxes written on the integer grid, a caption drawn from the refs)."""
     from engine.lab.dataset_eval import request_for
 
-    task, question = request_for("rs_lvlm", item, classes)
+    task, question = request_for(family, item, classes)
     objects: list[str] = []
     if item.task == "ground":
         groups: dict[str, list] = {}
@@ -83,9 +84,10 @@ def item_sample(item: BenchItem, classes: Sequence[str], image: np.ndarray, rng:
 class MixedStream:
     """Samples ``start, start + 1, ...`` of the weighted mix (deterministic in ``seed``)."""
 
-    def __init__(self, sources: Sequence[Source], seed: int = 0, image_size: int = 128) -> None:
+    def __init__(self, sources: Sequence[Source], seed: int = 0, image_size: int = 128,
+                 family: str = "rs_lvlm") -> None:
         self.sources = list(sources)
-        self.seed, self.image_size = seed, image_size
+        self.seed, self.image_size, self.family = seed, image_size, family
         self._sets = []
         for source in self.sources:
             bench = read_benchmark(source.spec, source.split)
@@ -127,5 +129,6 @@ class MixedStream:
             for offset, (s, i) in enumerate(self.positions(index, step)):
                 items, classes = self._sets[s]
                 rng = np.random.default_rng([self.seed, 2, index + offset])
-                yield item_sample(items[i], classes, load_image(items[i].image, self.image_size)[0], rng)
+                image = load_image(items[i].image, self.image_size)[0]
+                yield item_sample(items[i], classes, image, rng, self.family)
             index += step

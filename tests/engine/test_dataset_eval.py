@@ -50,19 +50,24 @@ class Script:
         return forced
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    """A tiny random LLaVA folder with room for long class-list prompts (one token per character)."""
+def write_long_llava(folder: Path, init_range: float = 0.02) -> Path:
+    """A tiny random LLaVA folder with room for long class-list prompts (one token per character);
+    a larger ``init_range`` gives its frozen output layer logits wide enough to learn through."""
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)
     tok = char_tokenizer()
     config = tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"))
     config.text_config.max_position_embeddings = 2048
-    folder = tmp_path_factory.mktemp("eval-llava") / "tiny-llava"
+    config.text_config.initializer_range = init_range
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     tok.save_pretrained(folder)
-    return load_pipeline(folder, "cpu")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return load_pipeline(write_long_llava(tmp_path_factory.mktemp("eval-llava") / "tiny-llava"), "cpu")
 
 
 def scripted(pipeline, bench, answers: list[str], **kw) -> dict:

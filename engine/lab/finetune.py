@@ -1,0 +1,214 @@
+"""LoRA fine-tuning of a LLaVA-family folder (GeoChat, LLaVA-1.5, after ``engine convert``) on a
+weighted mix of data sets in published formats: ``python -m engine.lab.finetune --config CFG``.
+
+Why this shape: users want to adapt a GeoChat-class model to their own labelled imagery on one
+GPU (or a CPU for a smoke run) and then check the gain with the frozen evaluator.  So the
+language model gets LoRA adapters (peft; the vision tower frozen, or LoRA too), the projector is
+trained in full, the data come from :class:`engine.data.mixed_stream.MixedStream` asking the very
+questions :mod:`engine.lab.dataset_eval` asks a LLaVA folder, and the result is saved as a plain
+transformers LLaVA folder in safetensors (LoRA merged) that every engine command loads.
+
+Config (JSON): ``base`` (LLaVA folder), ``data`` (``FORMAT:PATH`` strings or ``{"dataset",
+"weight", "split"}``), ``out``; optional ``steps``, ``batch_size``, ``lr``, ``warmup_steps``,
+``seed``, ``device``, ``precision``, ``gradient_checkpointing``, ``log_every``, ``save_every``,
+``lora`` (``r``, ``alpha``, ``dropout``, ``target_modules``), ``vision`` (``frozen`` | ``lora``),
+``train_projector``.  Resumable: ``out/checkpoint/`` holds the adapter and projector weights
+(safetensors) and the step; a rerun continues from there at the next sample of the mix (AdamW's
+moments restart: no pickled optimizer state is written).  The loss log is ``out/loss_log.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+log = logging.getLogger("engine.lab.finetune")
+
+__all__ = ["DEFAULTS", "load_config", "encode_sample", "collate", "lora_parameters", "finetune", "main"]
+
+DEFAULTS: dict[str, Any] = {
+    "steps": 200, "batch_size": 4, "lr": 2e-4, "warmup_steps": 10, "seed": 0, "device": "auto",
+    "precision": "auto", "gradient_checkpointing": False, "log_every": 10, "save_every": 100,
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
+             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+    "vision": "frozen", "train_projector": True,
+}
+
+
+def load_config(path: str | Path | dict) -> dict:
+    """The config with defaults filled in; ``base``, ``data`` and ``out`` are required."""
+    cfg = dict(path) if isinstance(path, dict) else json.loads(Path(path).read_text(encoding="utf-8"))
+    missing = [k for k in ("base", "data", "out") if k not in cfg]
+    if missing:
+        raise ValueError(f"fine-tuning config lacks {', '.join(missing)}")
+    out = {**DEFAULTS, **cfg}
+    out["lora"] = {**DEFAULTS["lora"], **cfg.get("lora", {})}
+    if out["vision"] not in ("frozen", "lora"):
+        raise ValueError(f"vision must be 'frozen' or 'lora', got {out['vision']!r}")
+    return out
+
+
+def encode_sample(pipeline: Any, sample: Any) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one sample in the backend's own Vicuna prompt: the loss is on the
+    answer (written after ``ASSISTANT:`` with its leading space, as generated) and ``</s>``."""
+    from engine.backends.llava import build_instruction
+
+    instruction, _ = build_instruction(sample.task, sample.question)
+    prompt = pipeline.prompt_ids(instruction)
+    eos = pipeline.tokenizer.eos_token_id
+    target = pipeline.tokenizer.encode(" " + sample.answer.strip(), add_special_tokens=False) + [eos]
+    return prompt + target, [-100] * len(prompt) + target
+
+
+def collate(pipeline: Any, samples: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Right-padded ids, mask and labels (-100 on prompt and padding) and the pixel values."""
+    from engine.model.image_processing import preprocess_images
+
+    encoded = [encode_sample(pipeline, s) for s in samples]
+    length = max(len(ids) for ids, _ in encoded)
+    pad = pipeline.tokenizer.pad_token_id if pipeline.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(samples), length), pad, dtype=torch.long)
+    labels = torch.full((len(samples), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, (seq, lab) in enumerate(encoded):
+        ids[row, :len(seq)], labels[row, :len(lab)], mask[row, :len(seq)] = torch.tensor(seq), torch.tensor(lab), 1
+    pixels = preprocess_images([s.image for s in samples], pipeline.image_size, pipeline.image_mean,
+                               pipeline.image_std, pipeline.rescale).to(pipeline.dtype)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+
+
+def _target_regex(names: Sequence[str], vision: str) -> str:
+    parts = "language_model|vision_tower" if vision == "lora" else "language_model"
+    return rf".*({parts}).*\.({'|'.join(map(str, names))})"
+
+
+def lora_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint keeps: the LoRA matrices and the (fully trained) projector."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()
+            if v.requires_grad and ("lora_" in k or "multi_modal_projector" in k)}
+
+
+def _lr(step: int, cfg: dict) -> float:
+    warm = max(int(cfg["warmup_steps"]), 1)
+    if step < warm:
+        return cfg["lr"] * (step + 1) / warm
+    t = (step - warm) / max(cfg["steps"] - warm, 1)
+    return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def _save_checkpoint(model: torch.nn.Module, folder: Path, step: int) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(lora_parameters(model), str(folder / "trainable.safetensors"))
+    (folder / "state.json").write_text(json.dumps({"step": step}))
+
+
+def _resume(model: torch.nn.Module, folder: Path) -> int:
+    from safetensors.torch import load_file
+
+    state = folder / "state.json"
+    if not state.is_file():
+        return 0
+    weights = load_file(str(folder / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v.to(params[k].dtype))
+    return int(json.loads(state.read_text())["step"])
+
+
+def finetune(config: str | Path | dict, progress: bool = True) -> dict:
+    """Run the config; returns a summary (steps, first and last losses, output folder)."""
+    from peft import LoraConfig, get_peft_model
+    from tqdm import tqdm
+
+    from engine.backends.llava import LlavaPipeline
+    from engine.data.mixed_stream import MixedStream, parse_sources
+    from engine.device import resolve_device
+
+    cfg = load_config(config)
+    out = Path(cfg["out"])
+    device = resolve_device(cfg["device"])
+    torch.manual_seed(int(cfg["seed"]))
+    precision = None if cfg["precision"] == "auto" else cfg["precision"]
+    pipeline = LlavaPipeline.load(cfg["base"], device=device, dtype=precision)
+    lora = cfg["lora"]
+    model = get_peft_model(pipeline.model, LoraConfig(
+        r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
+        target_modules=_target_regex(lora["target_modules"], cfg["vision"]), bias="none"))
+    for name, p in model.named_parameters():
+        if "multi_modal_projector" in name:
+            p.requires_grad_(bool(cfg["train_projector"]))
+    if cfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    start = _resume(model, out / "checkpoint")
+    stream = MixedStream(parse_sources(cfg["data"]), int(cfg["seed"]), pipeline.image_size, family="llava")
+    samples = stream.samples(start=start * int(cfg["batch_size"]))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=0.0)
+    out.mkdir(parents=True, exist_ok=True)
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(total=cfg["steps"], initial=start, desc="finetune", file=sys.stderr, disable=not progress)
+    with open(out / "loss_log.jsonl", "a", encoding="utf-8") as logf:
+        for step in range(start, int(cfg["steps"])):
+            batch = collate(pipeline, [next(samples) for _ in range(int(cfg["batch_size"]))])
+            batch = {k: v.to(pipeline.model.device) for k, v in batch.items()}
+            for group in optimizer.param_groups:
+                group["lr"] = _lr(step, cfg)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if (step + 1) % int(cfg["log_every"]) == 0 or step + 1 == cfg["steps"]:
+                logf.write(json.dumps({"step": step + 1, "loss": round(losses[-1], 5), "lr": _lr(step, cfg)}) + "\n")
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if (step + 1) % int(cfg["save_every"]) == 0:
+                _save_checkpoint(model, out / "checkpoint", step + 1)
+            bar.update(1)
+    bar.close()
+    _save_checkpoint(model, out / "checkpoint", int(cfg["steps"]))
+    final = _save_merged(model, pipeline, cfg, out / "final")
+    return {"steps": int(cfg["steps"]), "started_at": start, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "model": str(final), "trainable_parameters":
+            sum(p.numel() for p in trainable)}
+
+
+def _save_merged(model: Any, pipeline: Any, cfg: dict, folder: Path) -> Path:
+    """LoRA merged into the weights, saved as a transformers LLaVA folder the engine loads."""
+    merged = model.merge_and_unload()
+    merged.eval()
+    options = dict(getattr(merged.config, "rs_lvlm", None) or {})
+    options.update({"name": f"{pipeline.name}-finetuned", "finetuned_from": str(cfg["base"])})
+    merged.config.rs_lvlm = options
+    if folder.exists():
+        shutil.rmtree(folder)
+    merged.save_pretrained(str(folder))
+    pipeline.tokenizer.save_pretrained(str(folder))
+    for extra in ("preprocessor_config.json", "generation_config.json"):
+        if (Path(cfg["base"]) / extra).is_file() and not (folder / extra).is_file():
+            shutil.copy(Path(cfg["base"]) / extra, folder / extra)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.lab.finetune", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, type=Path)
+    args = parser.parse_args(argv)
+    print(json.dumps(finetune(args.config)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
