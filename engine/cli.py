@@ -39,12 +39,38 @@ def _run_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_scan(sub: argparse._SubParsersAction) -> None:
+    from .protocol.schema import SCAN_FIELDS, add_arguments
+
+    p = sub.add_parser("scan", help="tile a whole raster (or an area) through the model into a resumable GeoPackage; "
+                                    "prints a JSON summary")
+    add_arguments(p, SCAN_FIELDS)
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the batches on Ray: a local cluster, or the cluster at ADDRESS (docs/scale.md)")
+    p.add_argument("--ray-workers", type=int, help="model actors on Ray (default: one per GPU, else per CPU)")
+
+
+def _run_scan(args: argparse.Namespace) -> int:
+    from .protocol.schema import SCAN_FIELDS, params_from_args
+    from .scan import run_scan
+    from .service import EngineService, SilentContext
+
+    params = params_from_args(args, SCAN_FIELDS)
+    if args.ray is not None:
+        params["ray"] = args.ray or True
+    if args.ray_workers is not None:
+        params["ray_workers"] = args.ray_workers
+    print(json.dumps(run_scan(params, SilentContext(), EngineService()), ensure_ascii=False))
+    return 0
+
+
 def _run_serve(args: argparse.Namespace) -> int:
     from .protocol.server import ProtocolServer
+    from .scan import scan_handler
     from .service import EngineService
 
     service = EngineService(default_model=args.model, default_device=args.device)
-    handlers = {"info": service.info, "ask": service.ask}     # ping, cancel, shutdown: the server's own
+    handlers = {"info": service.info, "ask": service.ask, "scan": scan_handler(service)}     # ping, cancel, shutdown: the server's own
     return ProtocolServer(handlers).serve_forever()
 
 
@@ -91,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine", description="rs-lvlm-qgis inference engine")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{ask,serve,info," + ",".join(DELEGATED) + "}")
+                                metavar="{ask,scan,serve,info," + ",".join(DELEGATED) + "}")
     _add_ask(sub)
+    _add_scan(sub)
     for name, helptext in (("serve", "speak the JSON-lines protocol on stdin/stdout"),
                            ("info", "versions, device and model parameter counts")):
         p = sub.add_parser(name, help=helptext)
@@ -102,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=f"see python -m engine {name} --help", add_help=False)
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
-    runners = {"ask": _run_ask, "serve": _run_serve, "info": _run_info}
+    runners = {"ask": _run_ask, "scan": _run_scan, "serve": _run_serve, "info": _run_info}
     try:
         return runners[args.command](args)
     except EngineError as exc:
