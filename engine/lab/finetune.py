@@ -31,7 +31,8 @@ import torch
 
 log = logging.getLogger("engine.lab.finetune")
 
-__all__ = ["DEFAULTS", "load_config", "encode_sample", "collate", "lora_parameters", "finetune", "main"]
+__all__ = ["DEFAULTS", "load_config", "encode_sample", "collate", "lora_parameters", "finetune", "memory_estimate",
+           "main"]
 
 DEFAULTS: dict[str, Any] = {
     "steps": 200, "batch_size": 4, "lr": 2e-4, "warmup_steps": 10, "seed": 0, "device": "auto",
@@ -202,10 +203,61 @@ def _save_merged(model: Any, pipeline: Any, cfg: dict, folder: Path) -> Path:
     return folder
 
 
+def _linear_shapes(text: dict) -> dict[str, tuple[int, int]]:
+    h, i = int(text["hidden_size"]), int(text["intermediate_size"])
+    heads = int(text["num_attention_heads"])
+    kv = int(text.get("num_key_value_heads") or heads) * (h // heads)
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def memory_estimate(llava_config: dict, cfg: dict, text_tokens: int = 128) -> dict:
+    """GiB a fine-tune needs, from the LLaVA config.json and the fine-tuning config (bf16 on CUDA).
+
+    Weights: every parameter in 2 bytes (4 on fp32).  Trainable (LoRA matrices of the chosen
+    modules, r x (in + out) each, plus the projector): weight, gradient and two AdamW moments.
+    Activations per sample: with gradient checkpointing one hidden state per layer is kept and one
+    layer is recomputed at a time; without it every layer keeps ~ (16 h + 3 i + heads x seq) values
+    per token (eager attention); plus fp32 logits over the sequence for the loss.
+    """
+    text, vision = llava_config["text_config"], llava_config["vision_config"]
+    h, layers, vocab = int(text["hidden_size"]), int(text["num_hidden_layers"]), int(text["vocab_size"])
+    shapes = _linear_shapes(text)
+    lm = layers * sum(a * b for a, b in shapes.values()) + 2 * vocab * h
+    vh, vi = int(vision["hidden_size"]), int(vision["intermediate_size"])
+    tower = int(vision["num_hidden_layers"]) * (4 * vh * vh + 2 * vh * vi)
+    projector = vh * h + h * h
+    lora = cfg.get("lora", DEFAULTS["lora"])
+    lora_params = layers * sum(int(lora["r"]) * (a + b) for name, (a, b) in shapes.items()
+                               if name in lora["target_modules"])
+    trainable = lora_params + (projector if cfg.get("train_projector", True) else 0)
+    elem = 4 if cfg.get("precision") in ("float32", "fp32") else 2
+    tokens = (int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + text_tokens
+    heads, inter = int(text["num_attention_heads"]), int(text["intermediate_size"])
+    per_layer = tokens * (16 * h + 3 * inter + heads * tokens) * elem
+    if cfg.get("gradient_checkpointing"):
+        activations = layers * tokens * h * elem + per_layer
+    else:
+        activations = layers * per_layer
+    activations += tokens * vocab * 4
+    gib = 1024 ** 3
+    batch = int(cfg.get("batch_size", DEFAULTS["batch_size"]))
+    out = {"parameters": lm + tower + projector, "trainable_parameters": trainable, "sequence_tokens": tokens,
+           "weights_gib": (lm + tower + projector) * elem / gib, "optimizer_gib": trainable * (elem * 2 + 8) / gib,
+           "activations_per_sample_gib": activations / gib}
+    out["total_gib"] = out["weights_gib"] + out["optimizer_gib"] + batch * out["activations_per_sample_gib"]
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.lab.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, type=Path)
+    parser.add_argument("--estimate", action="store_true", help="print the memory estimate and stop")
     args = parser.parse_args(argv)
+    if args.estimate:
+        cfg = load_config(args.config)
+        print(json.dumps(memory_estimate(json.loads((Path(cfg["base"]) / "config.json").read_text()), cfg)))
+        return 0
     print(json.dumps(finetune(args.config)))
     return 0
 
