@@ -110,3 +110,80 @@ def start_scan(params: Dict[str, Any], project: Optional[QgsProject] = None) -> 
     task.done.connect(lambda *_: _RUNNING.remove(task) if task in _RUNNING else None)
     QgsApplication.taskManager().addTask(task)
     return task
+
+
+# ------------------------------------------------------------------ the dock's scan choices
+
+WHOLE_RASTER = "scan_whole"
+VISIBLE_TILED = "scan_visible"
+REGION_CHOICES = ((WHOLE_RASTER, "Whole raster"), (VISIBLE_TILED, "Visible extent, tiled"))
+SCAN_KINDS = (WHOLE_RASTER, VISIBLE_TILED)
+SCAN_TASKS = tuple(_LAYER_OF_TASK)
+
+
+def dock_scan_params(raster: Any, kind: str, canvas: Any, task: str, question: str) -> Dict[str, Any]:
+    """The scan request for the dock's current choices; ``ValueError`` with a message for the analyst."""
+    from .region import crs_to_engine
+
+    if raster is None or not raster.isValid():
+        raise ValueError("Choose a raster layer first.")
+    if raster.providerType() != "gdal":
+        raise ValueError(f"{raster.name()} is not a GDAL raster; save it as a GeoTIFF to scan it.")
+    if task not in SCAN_TASKS:
+        raise ValueError("A tiled scan runs ground, classify or caption: choose one of these tasks.")
+    path = raster.source().split("|")[0]
+    params: Dict[str, Any] = {"raster": path, "task": task, "out": scan_output_path(path)}
+    if question:
+        params["question"] = question
+    if kind == VISIBLE_TILED:
+        extent = canvas.extent()
+        params["bbox"] = [extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()]
+        params["bbox_crs"] = crs_to_engine(canvas.mapSettings().destinationCrs())
+    return params
+
+
+def start_dock_scan(dock: Any) -> Optional[ScanTask]:
+    """Start the scan the dock's choices describe, showing its progress in the dock."""
+    from qgis.core import Qgis
+
+    try:
+        params = dock_scan_params(dock.layerCombo.currentLayer(), dock.region_kind(), dock.canvas,
+                                  str(dock.taskCombo.currentData()), dock.question())
+    except ValueError as exc:
+        dock.show_message(str(exc), Qgis.Warning)
+        return None
+    task = start_scan(params)
+    dock.scan_task = task
+
+    def progressed(done: int, total: int, message: str) -> None:
+        if total > 0:
+            dock.progressBar.setTextVisible(True)
+            dock.progressBar.setRange(0, total)
+            dock.progressBar.setValue(min(done, total))
+        if message:
+            dock.show_message(message)
+
+    def finished(summary: Optional[Dict[str, Any]], error: str) -> None:
+        dock.cancelButton.setEnabled(False)
+        dock.scan_task = None
+        if summary is None:
+            dock.show_message(error or "The scan failed.", Qgis.Warning)
+            return
+        dock.show_message(f"Scan done: {summary['tiles']['done']} tiles, {summary.get('features', 0)} features "
+                          f"in {summary['out']} (layer {summary['layers'][0]}).")
+
+    task.progressed.connect(progressed)
+    task.done.connect(finished)
+    dock.progressBar.setRange(0, 0)
+    dock.cancelButton.setEnabled(True)
+    dock.show_message(f"Scanning {Path(params['raster']).name} into {params['out']}…")
+    return task
+
+
+def cancel_dock_scan(dock: Any) -> bool:
+    """Cancel the dock's running scan (what was written stays); False when none runs."""
+    task = getattr(dock, "scan_task", None)
+    if task is None:
+        return False
+    task.cancel()
+    return True

@@ -64,8 +64,10 @@ class EngineSession:
         self._replies: "queue.Queue[Optional[dict]]" = queue.Queue()
         self._stderr: list = []
         self._next_id = 1
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self._readers = [threading.Thread(target=self._read_stdout, daemon=True),
+                         threading.Thread(target=self._read_stderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
 
     def __enter__(self) -> "EngineSession":
         return self
@@ -143,7 +145,7 @@ class EngineSession:
             self._proc.wait(timeout=10)
 
     def close(self) -> None:
-        """Shut the engine down politely, killing it if it lingers."""
+        """Shut the engine down politely, killing it if it lingers; then release its pipes."""
         if self._proc.poll() is None:
             try:
                 self._send("shutdown", {})
@@ -152,3 +154,8 @@ class EngineSession:
                 self._proc.wait(timeout=10)
             except (OSError, QgsProcessingException, subprocess.TimeoutExpired):
                 self.kill()
+        for reader in self._readers:
+            reader.join(timeout=5)
+        for pipe in (self._proc.stdin, self._proc.stdout, self._proc.stderr):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
