@@ -45,7 +45,7 @@ class TileModelActor:
         self.plan = TilePlan.from_worker_view(cfg["plan"])
         self.spec = InferenceSpec(**cfg["spec"])
         service = EngineService(default_model=cfg["model"], default_device=cfg["device"])
-        self.pipeline = service.pipeline(cfg["model"], cfg["device"], cfg["precision"])
+        self.pipeline = service.pipeline(cfg["model"], cfg["device"], cfg["precision"], cfg["backend"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from .runner import infer_batch
@@ -91,7 +91,8 @@ def ray_results(plan: TilePlan, chunks: Sequence[Sequence[Tile]], spec: Any, req
     threads = 1 if gpus else max(1, cpus // workers)
     config = json.dumps({"plan": plan.worker_view(), "spec": asdict(spec), "threads": threads,
                          "model": str(Path(model_dir).resolve()),
-                         "device": "cuda" if gpus else "cpu", "precision": request.precision})
+                         "device": "cuda" if gpus else "cpu", "precision": request.precision,
+                         "backend": request.backend})
     rows = [{"chunk": json.dumps([t.to_dict() for t in chunk])} for chunk in chunks]
     log.info("ray: %d batches on %d actor(s) (%s, %d thread(s) each)", len(rows), workers,
              "1 GPU" if gpus else "CPU", threads)

@@ -159,7 +159,7 @@ def run_scan(params: dict, context: Any, service: Any) -> dict:
         todo = [c for c in chunks if any(t.id not in done for t in c)]
         context.progress(len(done), total, f"{len(done)}/{total} tiles done; loading the model")
         t_load = time.perf_counter()
-        pipeline = None if (p.ray is not None or not todo) else service.pipeline(p.model, p.device, p.precision)
+        pipeline = None if (p.ray is not None or not todo) else service.pipeline(p.model, p.device, p.precision, p.backend)
         load_s = time.perf_counter() - t_load
         model_name = getattr(pipeline, "name", None) or _model_name(model_dir)
         common = {"question": p.question or "", "model": model_name}
@@ -204,7 +204,7 @@ def run_scan(params: dict, context: Any, service: Any) -> dict:
         "tiles": {"total": total, "done": n_done, "processed": n_new, "nodata": nodata,
                   "tile_px": plan.tile_px, "overlap_px": plan.overlap_px, "rows": plan.rows, "cols": plan.cols},
         "detections": features if p.task == "ground" else 0, "features": features, "resumed": resumed,
-        "batch": p.batch, "ray": p.ray, "model": model_name, "warnings": list(plan.warnings),
+        "batch": p.batch, "ray": None if p.ray is None else (p.ray or "local"), "model": model_name, "warnings": list(plan.warnings),
         "timing": {"total_s": round(time.perf_counter() - t0, 3), "model_load_s": round(load_s, 3),
                    "tiles_s": round(work_s, 3), "tiles_per_s": round(n_new / work_s, 3) if work_s > 0 else None},
     }

@@ -58,7 +58,7 @@ class StubService:
         self.default_model = model_dir
         self.detector = BrightBoxDetector()
 
-    def pipeline(self, model, device, precision):
+    def pipeline(self, model, device, precision, backend="auto"):
         return self.detector
 
 
