@@ -25,11 +25,13 @@ from typing import Any, Iterable, Sequence
 
 import fiona
 import shapely
+from filelock import FileLock, Timeout
 from fiona.errors import FionaError
 from rasterio.crs import CRS
 from shapely.geometry import Polygon
 
 from engine.errors import EXPORT_FAILED, EngineError
+from engine.geo.export import lock_path
 
 from .merge import Detection, RawBox
 
@@ -101,6 +103,22 @@ class ScanWriter:
         self.layer = layer
         if self.path.suffix.lower() != ".gpkg":
             raise EngineError(EXPORT_FAILED, f"a scan writes a GeoPackage: out must end in .gpkg, got {self.path.name}")
+        # One writer per file for the whole scan (the lock the exports take too): two scans merging
+        # into one layer at once would each miss the other's boxes.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(lock_path(self.path)), timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise EngineError(EXPORT_FAILED, f"another scan or export is writing {self.path}; wait for it to "
+                                             "finish or choose another out") from None
+        try:
+            self._open(crs)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, crs: CRS | None) -> None:
         self._ensure_layer(crs)
         try:
             self.conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
@@ -109,7 +127,7 @@ class ScanWriter:
         _register_st_functions(self.conn)
         self.conn.executescript(_BOOKKEEPING)
         row = self.conn.execute("SELECT srs_id FROM gpkg_geometry_columns WHERE table_name = ?",
-                                (layer,)).fetchone()
+                                (self.layer,)).fetchone()
         self.srs_id = int(row[0]) if row else 0
 
     def _ensure_layer(self, crs: CRS | None) -> None:
@@ -131,6 +149,7 @@ class ScanWriter:
 
     def close(self) -> None:
         self.conn.close()
+        self._lock.release()
 
     def __enter__(self) -> "ScanWriter":
         return self

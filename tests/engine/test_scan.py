@@ -246,3 +246,29 @@ def test_tiles_of_a_16_bit_raster_share_one_stretch(tmp_path, service):
     scan(service, raster.path, tmp_path / "out.gpkg", tile=64, overlap=0)
     rows = read_layer(tmp_path / "out.gpkg", "detections")
     assert len(rows) == 1 and rows[0]["tile_id"] == 0
+
+
+def test_a_second_scan_into_a_file_being_written_is_refused(tmp_path):
+    from rasterio.crs import CRS
+
+    from engine.scan.writer import ScanWriter
+
+    with ScanWriter(tmp_path / "out.gpkg", "run-a", CRS.from_epsg(32633), "detections"):
+        with pytest.raises(EngineError) as err:
+            ScanWriter(tmp_path / "out.gpkg", "run-b", CRS.from_epsg(32633), "detections")
+    assert err.value.code == "export_failed" and "another scan" in err.value.message
+    ScanWriter(tmp_path / "out.gpkg", "run-b", CRS.from_epsg(32633), "detections").close()  # free again
+
+
+def test_a_region_polygon_keeps_the_objects_inside_it_and_clips_the_tiles(tmp_path, service):
+    raster = write_raster(tmp_path / "r.tif", width=256, height=64, feature_px=(10, 10, 30, 30))
+    add_square(raster.path, (200, 10, 230, 30))
+    left = shapely.box(*(raster.transform @ (0, 64)), *(raster.transform @ (100, 0)))
+    run_scan({"raster": str(raster.path), "out": str(tmp_path / "d.gpkg"), "task": "ground", "tile": 64,
+              "overlap": 0, "region_wkt": left.wkt}, RecordingContext(), service)
+    summary = run_scan({"raster": str(raster.path), "out": str(tmp_path / "t.gpkg"), "task": "classify", "tile": 64,
+                        "overlap": 0, "region_wkt": left.wkt}, RecordingContext(), service)
+    detections = read_layer(tmp_path / "d.gpkg", "detections")
+    tiles = [shapely.from_wkt(r["wkt"]) for r in read_layer(tmp_path / "t.gpkg", "tiles")]
+    assert len(detections) == 1 and shapely.from_wkt(detections[0]["wkt"]).within(left.buffer(1e-6))
+    assert summary["tiles"]["total"] == 2 and abs(shapely.unary_union(tiles).area - left.area) < 1e-6 * left.area
