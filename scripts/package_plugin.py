@@ -66,7 +66,8 @@ def collect(repo: Path, manifest: Dict[str, List[str]], include_model: bool) -> 
             raise SystemExit(f"pb_tool.cfg lists {name} but {src} does not exist")
         files[name] = src
     listed = set(manifest["python_files"])
-    unlisted = sorted(p.name for p in plugin_src.glob("*.py") if p.name not in listed)
+    modules = (p.relative_to(plugin_src).as_posix() for p in plugin_src.rglob("*.py") if wanted(p.relative_to(repo)))
+    unlisted = sorted(name for name in modules if name not in listed)  # subpackages too (processing/)
     if unlisted:
         raise SystemExit(f"plugin modules missing from pb_tool.cfg python_files: {unlisted}")
     for name in manifest["extras"]:

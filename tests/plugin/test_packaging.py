@@ -59,7 +59,8 @@ def test_pb_tool_cfg_lists_every_plugin_module_and_matches_zip(built_zip):
     cfg.read(REPO / "pb_tool.cfg", encoding="utf-8")
     assert cfg.get("plugin", "name") == "rs_lvlm_qgis"
     listed = set(cfg.get("files", "python_files").split())
-    assert listed == {p.name for p in PLUGIN_SRC.glob("*.py")}
+    assert listed == {p.relative_to(PLUGIN_SRC).as_posix() for p in PLUGIN_SRC.rglob("*.py")
+                      if "__pycache__" not in p.parts}
     inside = {n.split("/", 1)[1] for n in zipfile.ZipFile(built_zip).namelist()}
     assert listed | set(cfg.get("files", "extras").split()) <= inside
     optional = set(cfg.get("files", "optional_dirs").split())
