@@ -13,8 +13,9 @@ import re
 from collections import Counter
 from typing import Any, Dict, Iterable, List, Mapping
 
-# One box, braces and angle optional (the engine's parser accepts both too).
-_BOX = re.compile(r"\{?\s*(?:<\s*-?\d+(?:\.\d+)?\s*>\s*){4}(?:\|\s*<?\s*-?\d+(?:\.\d+)?\s*>?)?\s*\}?")
+# One box, braces and angle optional (the engine's parser accepts both too); a small model
+# also writes broken boxes ("<47>|0", "{<3><9>}"), which are no text either.
+_BOX = re.compile(r"\{?\s*(?:<\s*-?\d+(?:\.\d+)?\s*>\s*)+(?:\|\s*<?\s*-?\d+(?:\.\d+)?\s*>?)?\s*\}?")
 # What a token stream ends with while a box is still being written: "{<29><1", "<29", "{".
 _UNFINISHED = re.compile(r"(?:\{[^{}]*|(?:<\s*-?\d*\s*>?\s*)+(?:\|\s*<?\s*-?\d*\s*>?)?)$")
 _TASK_TOKEN = re.compile(r"\[(?:grounding|refer|identify|caption|vqa|classify)\]\s*")
@@ -66,19 +67,20 @@ def count_phrase(boxes: Iterable[Mapping[str, Any]]) -> str:
 def readable_answer(result: Mapping[str, Any]) -> str:
     """The sentence to show for an ask result.
 
-    The engine's ``text`` when it is clean; when it still carries box syntax, the count of the
-    boxes (``"2 airplanes"``) if the rest is only their labels, else the text without the boxes.
+    The engine's ``text`` when it is clean; when it still carries box syntax, for "Find objects"
+    the count of the boxes (``"2 airplanes"``) if the rest is only their labels, else the text
+    without the boxes.
     """
     text = str(result.get("text") or "")
     boxes: List[Mapping[str, Any]] = [b for b in (result.get("boxes") or []) if isinstance(b, dict)]
     if not has_box_syntax(text):
         return strip_boxes(text)
     stripped = strip_boxes(text)
+    if result.get("task") not in (None, "ground") or not boxes:
+        return stripped
     labels = {str(b.get("label") or "").strip().lower() for b in boxes}
     words = {part.strip().lower() for part in re.split(r"[,;\n]| and ", stripped) if part.strip()}
-    if boxes and words <= labels | {""}:
-        return count_phrase(boxes)
-    return stripped or (count_phrase(boxes) if boxes else "")
+    return count_phrase(boxes) if words <= labels | {""} else stripped or count_phrase(boxes)
 
 
 def raw_output(result: Mapping[str, Any]) -> str:

@@ -95,6 +95,7 @@ class RsLvlmDock(QDockWidget):
         body = QWidget(self)
         scroll = QScrollArea(self)  # a short screen scrolls the panel instead of squashing it
         scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         scroll.setWidget(body)
         self.setWidget(scroll)
         self.layerCombo = QgsMapLayerComboBox(body)
@@ -102,6 +103,8 @@ class RsLvlmDock(QDockWidget):
         self.layerCombo.setFilters(_layer_filter("RasterLayer"))
         self.regionCombo = QComboBox(body)
         self.regionCombo.setObjectName("regionCombo")
+        self.regionCombo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.regionCombo.setMinimumContentsLength(10)  # long item texts must not widen the dock
         for key, label in REGION_ITEMS:
             self.regionCombo.addItem(label, key)
         self.drawButton = QToolButton(body)
@@ -145,6 +148,7 @@ class RsLvlmDock(QDockWidget):
         self.answerView.setObjectName("answerView")
         self.answerView.setReadOnly(True)
         self.answerView.setPlaceholderText("The answer appears here as it is generated.")
+        self.answerView.setMaximumHeight(110)
         self.retrievedList = RetrievedList(body)
         self.retrievedList.entryOpened.connect(lambda entry: self.open_knowledge(entry))
         self.results = ResultsPanel(self.iface, body)
@@ -166,16 +170,19 @@ class RsLvlmDock(QDockWidget):
         form.addRow("Task", self.taskCombo)
         form.addRow("Question", self.questionEdit)
         buttons = QHBoxLayout()
-        for widget in (self.askButton, self.cancelButton, self.settingsButton,
-                       self.knowledgeButton):
+        for widget in (self.askButton, self.cancelButton, self.settingsButton):
             buttons.addWidget(widget)
+        knowledge_row = QHBoxLayout()
+        knowledge_row.addWidget(QLabel("Retrieved knowledge", body), 1)
+        knowledge_row.addWidget(self.knowledgeButton)
         layout = QVBoxLayout(body)
         layout.addLayout(form)
         layout.addLayout(buttons)
         for widget in (self.progressBar, self.statusLabel, self.setupEngineButton,
-                       self.answerView, self.results, QLabel("Retrieved knowledge", body),
-                       self.retrievedList):
+                       self.answerView, self.results):
             layout.addWidget(widget)
+        layout.addLayout(knowledge_row)
+        layout.addWidget(self.retrievedList)
         layout.addWidget(self.exports)
         layout.addWidget(self.deviceLabel)
 

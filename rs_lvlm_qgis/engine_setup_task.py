@@ -98,13 +98,16 @@ def base_python() -> Optional[str]:
 
 def clean_environment() -> dict:
     """The environment for venv/pip: without QGIS's Python and GDAL variables (which would leak
-    QGIS's site-packages into the new venv) and without ``PIP_*`` variables, so the lock's one
-    index is the only source (proxy variables are kept)."""
+    QGIS's site-packages into the new venv) and without ``PIP_*`` variables or any pip
+    configuration file (``PIP_CONFIG_FILE`` set to the null device skips the global ones that
+    ``--isolated`` still reads), so the lock's one index is the only source; proxy variables
+    are kept."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONHOME", "PYTHONPATH", "LD_LIBRARY_PATH")
            and not k.startswith(("GDAL_", "PROJ_", "PIP_"))}
     env["PYTHONIOENCODING"] = "utf-8"
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PIP_CONFIG_FILE"] = os.devnull
     return env
 
 

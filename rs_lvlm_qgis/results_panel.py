@@ -90,6 +90,7 @@ class ResultsPanel(QWidget):
         self.boxesList.setRootIsDecorated(False)
         self.boxesList.setMouseTracking(True)
         self.boxesList.setMaximumHeight(110)
+        self.boxesList.setVisible(False)  # shown when an answer has boxes
         header = self.boxesList.header()
         header.setSectionResizeMode(0, QHeaderView.Stretch)
         header.setStretchLastSection(False)
@@ -100,23 +101,25 @@ class ResultsPanel(QWidget):
         self.historyList.setObjectName("historyList")
         self.historyList.setMaximumHeight(110)
         self.historyList.setToolTip("Earlier answers: click one to show its region and boxes")
+        self.historyList.setTextElideMode(Qt.ElideRight)
+        self.historyList.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         self.historyList.itemClicked.connect(self._on_history_item)
         self.newConversationButton = QToolButton(self)
         self.newConversationButton.setObjectName("newConversationButton")
-        self.newConversationButton.setText("New conversation")
+        self.newConversationButton.setText("New chat")
         self.newConversationButton.setToolTip(
             "Ask the next question without the earlier answers on this region")
         self.conversationLabel = QLabel(self)
         self.conversationLabel.setObjectName("conversationLabel")
         self.zoomAnswerButton = self._tool("zoomAnswerButton", "Zoom to", self.zoom_to_answer,
                                            "Zoom the map to the last answer's region")
-        self.answerTableButton = self._tool("answerTableButton", "Attribute table",
+        self.answerTableButton = self._tool("answerTableButton", "Table",
                                             self.open_answer_table,
                                             "Open the answers table on the last answer")
         self.zoomDetectionsButton = self._tool("zoomDetectionsButton", "Zoom to",
                                                self.zoom_to_detections,
                                                "Zoom the map to the detections layer")
-        self.detectionsTableButton = self._tool("detectionsTableButton", "Attribute table",
+        self.detectionsTableButton = self._tool("detectionsTableButton", "Table",
                                                 self.open_detections_table,
                                                 "Open the detections layer's attribute table")
         self.scoreSlider = QSlider(Qt.Horizontal, self)
@@ -193,7 +196,7 @@ class ResultsPanel(QWidget):
 
     def set_conversation_size(self, turns: int) -> None:
         """Say how many earlier turns the next question on this region will carry."""
-        self.conversationLabel.setText(f"({turns} earlier on this region)" if turns else "")
+        self.conversationLabel.setText(f"({turns} on this region)" if turns else "")
 
     def _on_history_item(self, item: QListWidgetItem) -> None:
         index = item.data(Qt.UserRole)
@@ -232,6 +235,7 @@ class ResultsPanel(QWidget):
             geometry = self._to_canvas(QgsGeometry.fromWkt(box["wkt"]), crs)
             if not geometry.isEmpty():
                 self.boxes_band.addGeometry(geometry)
+        self.boxesList.setVisible(bool(turn.boxes))
         self._grey_out_low_scores()
 
     def highlight_box(self, item: Optional[QTreeWidgetItem]) -> None:

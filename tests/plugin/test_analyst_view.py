@@ -58,7 +58,7 @@ def _answers():
 
 def test_answer_view_and_answers_layer_never_show_box_syntax(fake_dock, utm_raster):
     _set_box(fake_dock, utm_raster)
-    _ask(fake_dock, "where are the airplanes? (old engine)")
+    _ask(fake_dock, "airplanes (old engine)", task="ground")
     assert fake_dock.answerView.toPlainText() == "2 airplanes"
     feature = next(_answers().getFeatures())
     assert feature["answer"] == "2 airplanes"

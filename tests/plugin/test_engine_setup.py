@@ -147,6 +147,17 @@ def test_pip_arguments_are_isolated_and_hash_checked_with_one_index(tmp_path):
     assert offline[-3:] == ["--no-index", "--find-links", str(tmp_path)]
 
 
+def test_pip_reads_no_configuration_of_this_machine(monkeypatch):
+    import os
+
+    from rs_lvlm_qgis.engine_setup_task import clean_environment
+
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "https://elsewhere.example/simple")
+    env = clean_environment()
+    assert env["PIP_CONFIG_FILE"] == os.devnull  # also skips /etc/pip.conf, which --isolated reads
+    assert "PIP_EXTRA_INDEX_URL" not in env
+
+
 def test_offline_setup_installs_locked_wheels_from_a_folder_and_checks_imports(tmp_path):
     wheels = tmp_path / "wheels"
     lock = make_lock(tmp_path / "engine.lock", make_wheel(wheels))
