@@ -272,3 +272,11 @@ def test_a_region_polygon_keeps_the_objects_inside_it_and_clips_the_tiles(tmp_pa
     tiles = [shapely.from_wkt(r["wkt"]) for r in read_layer(tmp_path / "t.gpkg", "tiles")]
     assert len(detections) == 1 and shapely.from_wkt(detections[0]["wkt"]).within(left.buffer(1e-6))
     assert summary["tiles"]["total"] == 2 and abs(shapely.unary_union(tiles).area - left.area) < 1e-6 * left.area
+
+
+def test_a_raster_without_georeferencing_is_scanned_in_pixel_coordinates(tmp_path, service):
+    raster = write_raster(tmp_path / "r.tif", crs=None, width=128, height=64, feature_px=(50, 20, 78, 44))
+    summary = scan(service, raster.path, tmp_path / "out.gpkg", tile=64, overlap=0)
+    rows = read_layer(tmp_path / "out.gpkg", "detections")
+    assert summary["crs"] is None and len(rows) == 1
+    assert shapely.from_wkt(rows[0]["wkt"]).hausdorff_distance(shapely.box(50, 20, 78, 44)) <= 1.0
