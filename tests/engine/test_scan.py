@@ -280,3 +280,12 @@ def test_a_raster_without_georeferencing_is_scanned_in_pixel_coordinates(tmp_pat
     rows = read_layer(tmp_path / "out.gpkg", "detections")
     assert summary["crs"] is None and len(rows) == 1
     assert shapely.from_wkt(rows[0]["wkt"]).hausdorff_distance(shapely.box(50, 20, 78, 44)) <= 1.0
+
+
+@pytest.mark.parametrize("overlap", [8, 16, 24])
+def test_an_object_at_a_four_tile_corner_is_reported_once_whatever_the_overlap(tmp_path, service, overlap):
+    raster = write_raster(tmp_path / "r.tif", width=160, height=160, feature_px=(52, 52, 84, 84))
+    scan(service, raster.path, tmp_path / "out.gpkg", tile=64, overlap=overlap)
+    rows = read_layer(tmp_path / "out.gpkg", "detections")
+    assert len(rows) == 1
+    assert shapely.from_wkt(rows[0]["wkt"]).hausdorff_distance(raster.feature_polygon) <= PX
