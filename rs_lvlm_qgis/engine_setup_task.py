@@ -163,6 +163,18 @@ def failure_line(log: Sequence[str], wheel_dir: Optional[Path] = None,
     return (tail[-1] if tail else "the command failed")[:300]
 
 
+_INDEX_OPTION = re.compile(r"^\s*(--index-url|--extra-index-url|-i|--no-index|--find-links|-f)\b")
+
+
+def without_index_options(requirements: Path, out: Path) -> Path:
+    """A copy of ``requirements`` without index options: pip lets an ``--index-url`` line in
+    the file override the command line, so a mirror or a wheel folder would be ignored."""
+    lines = requirements.read_text(encoding="utf-8").splitlines()
+    out.write_text("\n".join(line for line in lines if not _INDEX_OPTION.match(line)) + "\n",
+                   encoding="utf-8")
+    return out
+
+
 def staging_dir(venv_dir: Path) -> Path:
     """The temporary folder a new venv is built in: beside the target, so the final rename
     stays on one file system and is atomic."""
@@ -282,6 +294,8 @@ class EngineSetupTask(SubprocessTask):
             return False
         python = str(venv_python(staging))
         requirements = self.params.requirements
+        if self.params.wheel_dir is not None or self.params.index_url:
+            requirements = without_index_options(requirements, staging / requirements.name)
         wanted = [line for line in requirements.read_text(encoding="utf-8").splitlines()
                   if "==" in line and not line.lstrip().startswith("#")]
         pip = [python, "-m", "pip"] + pip_install_args(requirements, self.params.wheel_dir,

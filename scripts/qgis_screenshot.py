@@ -1,7 +1,7 @@
 """Run inside real QGIS (``qgis --code``, see scripts/screenshot.sh): draw a region on the sample
 raster, ask a grounding question, a caption and a question with a follow-up through the real
-engine, wait for the map to render, save the main window to a PNG, then the views of issue 14
-beside it (the dock's answer panel, the knowledge base, a failed offline engine set-up) and quit.
+engine, wait for the map to render, save the main window to a PNG, then the dock's answer panel
+and the knowledge base beside it, and quit (scripts/setup_screenshot.py adds the set-up dialog).
 
 Exit status (the whole QGIS process): 0 saved with an answer and detections, 3 saved but the
 engine gave no answer or no boxes, 4 timed out, 5 the script itself failed.  Settings come from
@@ -11,12 +11,11 @@ import collections
 import json
 import os
 import sys
-import tempfile
 import traceback
-from pathlib import Path
 
 from qgis.core import QgsGeometry, QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings
 from qgis.PyQt.QtCore import QTimer
+from qgis.PyQt.QtWidgets import QApplication
 from qgis.utils import iface, plugins
 
 OUT = os.environ.get("RS_LVLM_SCREENSHOT_OUT", "docs/images/qgis_screenshot.png")
@@ -163,8 +162,12 @@ class ScreenshotRun:
         return os.path.join(os.path.dirname(os.path.abspath(OUT)), name)
 
     def save_views(self):
-        """The answer panel, the knowledge base and a failed offline set-up, one PNG each."""
+        """The answer panel and the knowledge base, one PNG each."""
+        history = self.dock.results.historyList
+        if history.count():  # the "Find objects" answer: its boxes listed, the first highlighted
+            history.itemClicked.emit(history.item(0))
         self.dock.results.boxesList.setCurrentItem(self.dock.results.boxesList.topLevelItem(0))
+        QApplication.processEvents()
         self.dock.grab().save(self._image("dock_answer.png"), "PNG")
         from rs_lvlm_qgis.knowledge_dialog import KnowledgeDialog
 
@@ -174,21 +177,6 @@ class ScreenshotRun:
         knowledge.table.selectRow(0)
         knowledge.grab().save(self._image("knowledge_dialog.png"), "PNG")
         knowledge.close()
-        from rs_lvlm_qgis.engine_setup_dialog import EngineSetupDialog
-
-        self.setup = EngineSetupDialog(iface.mainWindow())
-        self.setup.show()
-        params = self.setup.parameters()
-        params.venv_dir = Path(tempfile.mkdtemp()) / "venv"  # never the real per-user venv
-        params.index_url = "http://127.0.0.1:9/"  # an index that cannot be reached: offline
-        task = self.setup.start(params)
-        task.taskTerminated.connect(lambda: QTimer.singleShot(500, self.save_setup))
-        task.taskCompleted.connect(lambda: QTimer.singleShot(500, self.save_setup))
-        QTimer.singleShot(120000, self.leave)
-
-    def save_setup(self):
-        self.setup.grab().save(self._image("engine_setup_offline.png"), "PNG")
-        _log(f"set-up dialog: {self.setup.summary.text()}")
         self.leave()
 
     def leave(self):

@@ -89,10 +89,11 @@ def make_wheel(folder: Path, name: str = "rslvlm_tiny", version: str = "0.1") ->
 
 
 def make_lock(path: Path, wheel: Path, name: str = "rslvlm_tiny", version: str = "0.1") -> Path:
-    """A hash-locked requirements file for that wheel (what pip-compile --generate-hashes
-    writes)."""
+    """A hash-locked requirements file for that wheel, with the index line the real lock has
+    (what ``uv pip compile --generate-hashes --emit-index-url`` writes)."""
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    path.write_text(f"{name}=={version} \\\n    --hash=sha256:{digest}\n")
+    path.write_text("--index-url https://pypi.org/simple\n\n"  # as in the real lock
+                    f"{name}=={version} \\\n    --hash=sha256:{digest}\n")
     return path
 
 
