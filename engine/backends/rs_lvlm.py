@@ -124,7 +124,7 @@ class RsLvlmPipeline:
         ``history`` holds earlier ``{"question", "answer"}`` turns on the same region."""
         from engine.model.image_processing import preprocess_images
         from engine.model.prompts import build_prompt, default_question
-        from engine.model.references import resolve_references
+        from engine.model.references import REFERENCE_RE, resolve_references
 
         t0 = time.perf_counter()
         asked = split_task_token(question)[1] or default_question(task)
@@ -141,7 +141,7 @@ class RsLvlmPipeline:
             if not first_token_at:
                 first_token_at.append(time.perf_counter())
             if on_token is not None:
-                on_token(i, piece)
+                on_token(i, REFERENCE_RE.sub("", piece))     # a reference is shown as its box, at the end
 
         result = generate(self.model, pixel_values, input_ids, attention, q_embeds, max_new_tokens=max_new_tokens,
                           do_sample=do_sample, temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,

@@ -14,6 +14,7 @@ import torch
 
 from .fast_decode import FusedDecoder
 from .modeling_rs_lvlm import RsLvlmForConditionalGeneration
+from .references import constrain_references
 from .semantic_augmentation import Retriever
 
 __all__ = ["RsLvlmDecodeSteps"]
@@ -37,7 +38,8 @@ class RsLvlmDecodeSteps:
         self.max_new_tokens = max_new_tokens
         self.use_cache, self.retriever, self.fast, self.int8 = use_cache, retriever, fast, int8
         self.retrieved: dict = {}
-        self.detections: tuple[torch.Tensor, torch.Tensor] | None = None   # (B, K, 4), (B, K)
+        # (B, K, 4) boxes, (B, K) scores, (B, K) classes of the object tokens' detections
+        self.detections: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._cache = None
         self._decoder: FusedDecoder | None = None
         self._spliced_mask: torch.Tensor | None = None
@@ -61,7 +63,8 @@ class RsLvlmDecodeSteps:
         # Object-centric models: the detections behind the object tokens, which <obj k> answers
         # refer to (engine.model.references resolves them to boxes).
         self.detections = (None if out.detections is None else
-                           (out.detections.boxes.float().cpu(), out.detections.scores.float().cpu()))
+                           (out.detections.boxes.float().cpu(), out.detections.scores.float().cpu(),
+                            out.detections.classes.cpu()))
         self._spliced_mask, self._cache = out.attention_mask, out.past_key_values
         if self.use_cache and self.fast and not self.model.training and self.max_new_tokens > 1:
             self._decoder = FusedDecoder(self.model, self.input_ids.shape[0],
@@ -72,7 +75,16 @@ class RsLvlmDecodeSteps:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (ended rows feed padding, masked out) -> logits (B, V)."""
+        """Feed one token per row (ended rows feed padding, masked out) -> logits (B, V);
+        references to object tokens are constrained (engine.model.references)."""
+        logits = self._step(tokens, alive)
+        start = self.model.config.object_token_start
+        if self.detections is None or start is None:
+            return logits
+        _, scores, classes = self.detections
+        return constrain_references(logits, self._generated, scores, classes, int(start))
+
+    def _step(self, tokens: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         self._generated = torch.cat([self._generated, tokens[:, None]], dim=1)
         self._spliced_mask = torch.cat([self._spliced_mask, alive.long()[:, None]], dim=1)
         if self._decoder is not None:

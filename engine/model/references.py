@@ -24,12 +24,17 @@ from engine.grounding import GRID_MAX, GridBox, format_box
 from .detector import Detections, box_iou_matrix
 
 __all__ = ["REFERENCE_RE", "reference_token", "assign_references", "resolve_references", "ResolvedBox",
-           "MIN_MATCH_IOU"]
+           "MIN_MATCH_IOU", "constrain_references", "MIN_REFERENCE_SCORE"]
 
 REFERENCE_RE = re.compile(r"<obj(\d+)>")
 MIN_MATCH_IOU = 0.3
 """A slot whose best detection overlaps its box less than this is not taught (the detector
 missed the object; teaching an arbitrary pointer would only add noise)."""
+
+
+MIN_REFERENCE_SCORE = 0.2
+"""Object tokens of detections scoring below this are filler (an image has fewer objects than
+tokens): an answer may not point at them."""
 
 
 def reference_token(k: int) -> str:
@@ -88,3 +93,30 @@ def resolve_references(text: str, boxes: list[list[float]], scores: list[float])
         return format_box(box)
 
     return REFERENCE_RE.sub(repl, text), found
+
+
+def constrain_references(logits: torch.Tensor, generated: torch.Tensor, scores: torch.Tensor,
+                         classes: torch.Tensor, object_token_start: int) -> torch.Tensor:
+    """Constrained decoding of references: logits (B, V) for the next token, given the tokens
+    generated so far (B, t) and the detections' scores and classes (B, K).
+
+    A reference may not point at a filler detection (score below :data:`MIN_REFERENCE_SCORE`)
+    nor at a detection the answer already referred to (one box per object), and a reference that
+    follows another one stays in its class (``airplane <obj2><obj5>`` lists airplanes).  The
+    model's own preference decides everything else."""
+    k = scores.shape[1]
+    ref = logits[:, object_token_start:object_token_start + k]
+    banned = scores.to(logits.device) < MIN_REFERENCE_SCORE                      # (B, K)
+    if generated.shape[1]:
+        rel = generated.to(logits.device) - object_token_start                    # (B, t)
+        is_ref = (rel >= 0) & (rel < k)
+        used = torch.zeros_like(banned)
+        used.scatter_(1, rel.clamp(0, k - 1), is_ref)
+        banned = banned | used
+        last = rel[:, -1]
+        follows = is_ref[:, -1]
+        last_class = classes.to(logits.device).gather(1, last.clamp(0, k - 1)[:, None])      # (B, 1)
+        banned = banned | (follows[:, None] & (classes.to(logits.device) != last_class))
+    logits = logits.clone()
+    logits[:, object_token_start:object_token_start + k] = ref.masked_fill(banned, float("-inf"))
+    return logits

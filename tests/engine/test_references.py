@@ -42,3 +42,14 @@ def test_references_resolve_to_geochat_box_text_with_the_detection_score():
     text, found = resolve_references("ship <obj1>", [[0, 0, 0.1, 0.1], [0.2, 0.3, 0.4, 0.5]], [0.9, 0.7])
     assert text == "ship {<20><30><40><50>|0}" and found[0].score == 0.7
     assert parse_boxes(text)[0].label == "ship"
+
+
+def test_decoding_never_repeats_a_reference_nor_points_at_filler_and_stays_in_the_class():
+    from engine.model.references import constrain_references
+
+    logits = torch.zeros(1, START + 4)
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1]])            # detection 3 is filler
+    classes = torch.tensor([[0, 1, 0, 0]])
+    out = constrain_references(logits, torch.tensor([[7, START + 0]]), scores, classes, START)
+    allowed = torch.isfinite(out[0, START:]).tolist()
+    assert allowed == [False, False, True, False]            # not again, not another class, not filler
