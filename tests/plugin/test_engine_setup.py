@@ -139,6 +139,21 @@ def test_lock_pins_every_package_with_hashes_from_one_index():
         assert any(pin.startswith(package) for pin in entries), package
 
 
+@pytest.mark.parametrize("flavour", ["cpu", "cuda"])
+def test_lock_holds_every_pin_of_the_requirements_list(flavour):
+    """make lock is rerun whenever requirements/engine-*.txt changes."""
+    import re
+
+    wanted = set()
+    for line in (REPO / "requirements" / f"engine-{flavour}.txt").read_text().splitlines():
+        match = re.match(r"^([A-Za-z0-9_.-]+)(\[[^]]*\])?==(\S+)", line.strip())
+        if match:
+            wanted.add(f"{match.group(1).lower().replace('_', '-')}=={match.group(3)}")
+    locked = {pin.lower() for pin in lock_entries(
+        (REPO / "requirements" / f"engine-{flavour}.lock").read_text())}
+    assert wanted - locked == set()
+
+
 def test_pip_arguments_are_isolated_and_hash_checked_with_one_index(tmp_path):
     lock = tmp_path / "engine-cpu.lock"
     online = pip_install_args(lock)
