@@ -44,8 +44,8 @@ def test_decoding_keeps_the_detections_that_references_resolve_to():
     ids, mask = prompt_batch(model.config, [6])
     steps = RsLvlmDecodeSteps(model, torch.randn(1, 3, 32, 32), ids, mask, max_new_tokens=2)
     steps.prefill()
-    boxes, scores = steps.detections
-    assert boxes.shape == (1, 4, 4) and scores.shape == (1, 4)
+    boxes, scores, classes = steps.detections
+    assert boxes.shape == (1, 4, 4) and scores.shape == classes.shape == (1, 4)
 
 
 def test_a_checkpoint_round_trip_keeps_the_detector_and_its_normalisation_statistics(tmp_path):
