@@ -303,6 +303,9 @@ class RsLvlmDock(QDockWidget):
     def ask(self) -> Optional[EngineRequest]:
         """Check the input and send the question; returns the request or ``None``."""
         task = str(self.taskCombo.currentData())
+        if task not in protocol.TASK_IDS:  # no task chosen (a script set the index to -1)
+            self.show_message("Choose a task first.", Qgis.Warning)
+            return None
         question = self.question()
         raster = self.layerCombo.currentLayer()
         try:

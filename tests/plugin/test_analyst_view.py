@@ -286,3 +286,10 @@ def test_feature_region_does_not_default_to_the_plugins_answers_layer(offline_do
 
     result_layers.add_result(engine_style_result(), "tanks", "ground")
     assert offline_dock.featureLayerCombo.currentLayer() is fields
+
+
+def test_ask_without_a_task_chosen_is_refused(offline_dock, utm_raster):
+    _set_box(offline_dock, utm_raster)
+    offline_dock.taskCombo.setCurrentIndex(-1)
+    assert offline_dock.ask() is None
+    assert offline_dock.statusLabel.text() == "Choose a task first."
