@@ -7,7 +7,6 @@ engine process, and reads the one JSON line the command prints.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +71,3 @@ class KnowledgeBuildTask(SubprocessTask):
         self.setProgress(100.0)
         return True
 
-
-def index_is_built(out_dir: Path) -> bool:
-    """True when ``out_dir`` holds a complete index (its ``meta.json`` is written last)."""
-    return (Path(out_dir) / "meta.json").is_file() and os.path.getsize(Path(out_dir) / "meta.json") > 0

@@ -248,11 +248,6 @@ class ResultsPanel(QWidget):
         if not geometry.isEmpty():
             self.hover_band.setToGeometry(geometry)
 
-    def highlighted_boxes(self) -> int:
-        """How many boxes are outlined in red (what a test or a script can check)."""
-        return self.boxes_band.numberOfParts() if hasattr(self.boxes_band, "numberOfParts") \
-            else self.boxesList.topLevelItemCount()
-
     # ------------------------------------------------------------------ actions
     def _zoom(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
         if extent.isEmpty() and extent.width() == 0:
@@ -319,10 +314,6 @@ class ResultsPanel(QWidget):
                 low = False
             for column in (0, 1):
                 item.setForeground(column, QColor("#999999") if low else QColor("#000000"))
-
-    def clear_highlight(self) -> None:
-        for band in (self.answer_band, self.boxes_band, self.hover_band):
-            band.reset(polygon_geometry_type())
 
     def shutdown(self) -> None:
         """Remove the rubber bands from the canvas (the plugin unloads)."""
