@@ -243,24 +243,28 @@ def _plural(noun: str) -> str:
     return " ".join(words[:-1] + [last])
 
 
-def readable_text(raw: str) -> str:
-    """What a person reads for a model answer: box syntax replaced by counts.
+def readable_text(raw: str, task: str = "ground") -> str:
+    """What a person reads for a model answer: box syntax replaced by counts or taken out.
 
-    ``"airplane {<29><18><45><31>|0}{<50><50><60><60>|0}"`` reads ``"2 airplanes"``; box syntax
-    inside a sentence is taken out, the sentence kept.  The boxes themselves travel separately
+    For ``ground`` an answer made of labelled box groups, ``"airplane {<29><18><45><31>|0}{<50>
+    <50><60><60>|0}"``, reads ``"2 airplanes"``.  For every other task (and a ground answer with
+    prose around its boxes) the box syntax is taken out and the sentence kept: a caption's
+    grounded phrases are prose, not labels to count.  The boxes themselves travel separately
     (the result's ``boxes``), and the raw text in its own field.
     """
     if not isinstance(raw, str) or not raw:
         return ""
     boxes = parse_boxes(raw)
+    if not boxes:
+        return raw.strip()
     stripped = " ".join(_BOX_RE.sub(" ", raw).split())
-    remainder = stripped
-    counts: dict[str, int] = {}
-    for box in boxes:
-        counts[box.label or "object"] = counts.get(box.label or "object", 0) + 1
-        if box.label:
-            remainder = remainder.replace(box.label, " ", 1)
-    if boxes and not remainder.strip(" ,;.:-"):
-        return ", ".join(f"{n} {label if n == 1 else _plural(label)}" for label, n in counts.items())
-    text = stripped.replace(" ,", ",").replace(" .", ".")
-    return text.strip(" ,;") if boxes else raw.strip()
+    if task == "ground":
+        counts: dict[str, int] = {}
+        remainder = stripped
+        for box in boxes:
+            counts[box.label or "object"] = counts.get(box.label or "object", 0) + 1
+        for label in counts:
+            remainder = remainder.replace(label, " ")
+        if not remainder.strip(" ,;.:-"):
+            return ", ".join(f"{n} {label if n == 1 else _plural(label)}" for label, n in counts.items())
+    return stripped.replace(" ,", ",").replace(" .", ".").strip(" ,;")

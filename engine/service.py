@@ -212,7 +212,7 @@ class EngineService:
                           "wkt": polygon.wkt})
         extent = region_polygon(chip, out_crs=p.out_crs)
         result = {"task": p.task, "question": p.question or answer.prompt_question,
-                  "text": readable_text(answer.text), "raw": answer.text,
+                  "text": readable_text(answer.text, p.task), "raw": answer.text,
                   "boxes": boxes, "crs": crs_text,
                   "extent": {"wkt": extent.wkt, "bounds": list(extent.bounds)},
                   "retrieved": answer.retrieved, "model": pipeline.name, "device": pipeline.device,

@@ -49,6 +49,11 @@ def test_readable_text_replaces_box_syntax_by_counts():
     assert readable_text("a harbour with ships") == "a harbour with ships"
 
 
+def test_a_captions_grounded_phrases_stay_prose():
+    raw = "an airport with two airplanes {<29><18><45><31>|0}{<50><50><60><60>|0}. a white vehicle {<1><2><3><4>|0}"
+    assert readable_text(raw, "caption") == "an airport with two airplanes. a white vehicle"
+
+
 def test_history_is_bounded_and_checked():
     turn = {"question": "how many ships are there?", "answer": "3"}
     assert AskParams.from_dict({"raster": "x.tif", "history": [turn]}).history == [turn]

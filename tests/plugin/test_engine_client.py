@@ -67,7 +67,7 @@ def test_engine_child_environment_drops_qgis_python_and_gdal_variables(monkeypat
 
 def test_ask_without_model_shows_no_model_message(dock, utm_raster, empty_model_dir):
     _set_inside_region(dock, utm_raster)
-    dock.taskCombo.setCurrentIndex(dock.taskCombo.findText("caption"))
+    dock.taskCombo.setCurrentIndex(dock.taskCombo.findData("caption"))
     req = dock.ask()
     assert req is not None
     finished(req)
@@ -156,7 +156,7 @@ def test_polygon_region_in_web_mercator_is_accepted_by_engine(dock, utm_raster, 
         f"POLYGON(({x0 + 20} {y1 - 20}, {x0 + 200} {y1 - 40}, {x0 + 100} {y1 - 220}, {x0 + 20} {y1 - 20}))")
     triangle.transform(to_mercator)
     dock.set_region(region.Region(triangle, mercator, "polygon"))
-    dock.taskCombo.setCurrentIndex(dock.taskCombo.findText("classify"))
+    dock.taskCombo.setCurrentIndex(dock.taskCombo.findData("classify"))
     req = dock.ask()
     assert req is not None, dock.statusLabel.text()
     assert req.params["region_crs"] == "EPSG:3857" and "region_wkt" in req.params
