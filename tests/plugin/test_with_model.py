@@ -182,6 +182,33 @@ def test_grounding_boxes_lie_inside_drawn_region_in_raster_crs_with_web_mercator
         assert feature["label"]
 
 
+def test_grounded_answer_reads_as_text_with_the_raw_output_kept_real_engine(dock, scene, shown_canvas):
+    _draw_rectangle(dock, shown_canvas, scene, "EPSG:32633")
+    result = None
+    for question in target(scene)[1][:3]:
+        req = _ask(dock, "ground", question)
+        assert req.error is None, req.error
+        if req.result["boxes"]:
+            result = req.result
+            break
+    assert result is not None, "the model grounded nothing on the sample scene"
+    assert "{<" in result["raw"] and "{<" not in result["text"]
+    assert "{<" not in dock.answerView.toPlainText() and dock.answerView.toPlainText().strip()
+    answers = result_layers.find_layer(result_layers.ANSWERS_LAYER)
+    feature = list(answers.getFeatures())[-1]
+    assert "{<" not in feature["answer"] and feature["raw"] == result["raw"][:254]
+
+
+def test_follow_up_question_reaches_the_real_engine_with_its_history(dock, scene, shown_canvas):
+    _draw_rectangle(dock, shown_canvas, scene, "EPSG:32633")
+    first = _ask(dock, "vqa", "How many airplanes are there?")
+    assert first.error is None, first.error
+    follow_up = _ask(dock, "vqa", "and how many are white?")
+    assert follow_up.error is None, follow_up.error
+    assert [t["question"] for t in follow_up.params["history"]] == ["How many airplanes are there?"]
+    assert follow_up.result["history_turns"] == 1 and follow_up.result["text"].strip()
+
+
 def test_cancel_during_generation_stops_it(dock, scene, shown_canvas):
     _draw_rectangle(dock, shown_canvas, scene, "EPSG:32633")
     dock.taskCombo.setCurrentIndex(dock.taskCombo.findData("caption"))
@@ -210,3 +237,4 @@ def test_cancel_button_right_after_ask_cancels(dock, scene, shown_canvas):
     finished(req, 300)
     assert req.error is not None and req.error[0] == "cancelled"
     assert dock.statusLabel.text() == "Cancelled."
+
