@@ -152,6 +152,11 @@ def _score_asked(sample, retrieved: list[dict], asked: dict[str, list[float]]) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--dataset" or a.startswith("--dataset=") for a in argv):  # published formats: dataset_eval.py
+        from .dataset_eval import main as dataset_main
+
+        return dataset_main(argv)
     parser = argparse.ArgumentParser(prog="python -m engine evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the embedded model)")
     parser.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED)

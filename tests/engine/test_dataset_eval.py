@@ -353,11 +353,11 @@ def test_unknown_format_is_refused_naming_the_formats(tmp_path):
         read_benchmark(f"sentinel2:{tmp_path}")
 
 
-def test_command_line_prints_the_result_as_one_json_line(llava, ucm, capsys):
-    from engine.lab.dataset_eval import main
+def test_engine_evaluate_with_dataset_prints_the_result_as_one_json_line(llava, ucm, capsys):
+    from engine.cli import main
 
-    code = main(["--model", str(llava.model_dir), "--dataset", f"ucm:{ucm}", "--n", "2", "--max-new-tokens", "4",
-                 "--json"])
+    code = main(["evaluate", "--model", str(llava.model_dir), "--dataset", f"ucm:{ucm}", "--n", "2",
+                 "--max-new-tokens", "4", "--json"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and len(lines) == 1
     result = json.loads(lines[0])
