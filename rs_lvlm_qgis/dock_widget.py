@@ -34,7 +34,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from . import answer_text, protocol, region, result_layers, settings
+from . import answer_text, protocol, region, result_layers, scan_task, settings
 from .conversation import Conversation, Turn, region_key
 from .export_bar import ExportBar
 from .engine_client import ENGINE_MISSING, SUPERSEDED, EngineClient, EngineRequest
@@ -105,7 +105,7 @@ class RsLvlmDock(QDockWidget):
         self.regionCombo.setObjectName("regionCombo")
         self.regionCombo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self.regionCombo.setMinimumContentsLength(10)  # long item texts must not widen the dock
-        for key, label in REGION_ITEMS:
+        for key, label in REGION_ITEMS + scan_task.REGION_CHOICES:  # the last two: tiled scans
             self.regionCombo.addItem(label, key)
         self.drawButton = QToolButton(body)
         self.drawButton.setObjectName("drawButton")
@@ -306,6 +306,9 @@ class RsLvlmDock(QDockWidget):
         if task not in protocol.TASK_IDS:  # no task chosen (a script set the index to -1)
             self.show_message("Choose a task first.", Qgis.Warning)
             return None
+        if self.region_kind() in scan_task.SCAN_KINDS:  # a tiled scan runs as a task of its own
+            scan_task.start_dock_scan(self)
+            return None
         question = self.question()
         raster = self.layerCombo.currentLayer()
         try:
@@ -341,6 +344,9 @@ class RsLvlmDock(QDockWidget):
         return req
 
     def cancel(self) -> None:
+        if scan_task.cancel_dock_scan(self):
+            self.show_message("Cancelling the scan (what it wrote is kept)…")
+            return
         if self.request is not None and not self.request.finished:
             self.client.cancel(self.request)
             self.show_message("Cancelling…")

@@ -62,7 +62,7 @@ def test_region_combo_starts_with_canvas_extent(offline_dock):
     assert combo.itemData(0) == "canvas"
     assert "canvas extent" in combo.itemText(0).lower()
     assert [combo.itemData(i) for i in range(combo.count())] == \
-        ["canvas", "rectangle", "polygon", "feature"]
+        ["canvas", "rectangle", "polygon", "feature", "scan_whole", "scan_visible"]  # the last two: tiled scans
 
 
 def test_task_combo_names_tasks_for_people_and_sends_protocol_ids(offline_dock):
