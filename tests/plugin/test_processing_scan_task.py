@@ -38,34 +38,31 @@ def test_visible_extent_sends_the_canvas_extent_in_the_canvas_crs(tmp_path, utm_
     assert len(params["bbox"]) == 4 and params["out"].endswith("_rs_lvlm.gpkg")
 
 
-def _choose(dock, raster, kind: str, task: str) -> None:
+def _scan_from_dock(dock, raster, task: str, monkeypatch) -> list:
+    """Choose the raster, "Whole raster" and ``task``, press Ask; the list fills with (summary, error)."""
+    engine_python_env(monkeypatch)
     dock.layerCombo.setLayer(raster)
-    dock.regionCombo.setCurrentIndex(dock.regionCombo.findData(kind))
+    dock.regionCombo.setCurrentIndex(dock.regionCombo.findData(scan_task.WHOLE_RASTER))
     dock.taskCombo.setCurrentIndex(dock.taskCombo.findData(task))
+    dock.ask()
+    assert dock.scan_task is not None, "Ask did not start a scan"
+    outcome: list = []
+    dock.scan_task.done.connect(lambda summary, error: outcome.append((summary, error)))
+    return outcome
 
 
 @needs_model
 def test_the_dock_whole_raster_choice_scans_and_adds_the_layer(offline_dock, utm_raster, monkeypatch):
-    engine_python_env(monkeypatch)
-    _choose(offline_dock, utm_raster, scan_task.WHOLE_RASTER, "classify")
-    offline_dock.ask()
-    task = offline_dock.scan_task
-    assert task is not None
-    outcome = []
-    task.done.connect(lambda summary, error: outcome.append(summary))
+    outcome = _scan_from_dock(offline_dock, utm_raster, "classify", monkeypatch)
     assert wait_until(lambda: outcome, 300), "the scan did not finish"
+    summary = outcome[0][0]
     layers = QgsProject.instance().mapLayersByName(scan_task.LAYER_TITLES["tiles"])
-    assert outcome[0] is not None and layers and layers[0].featureCount() == outcome[0]["tiles"]["total"]
+    assert summary is not None and layers and layers[0].featureCount() == summary["tiles"]["total"]
 
 
 @needs_model
 def test_cancel_in_the_dock_stops_the_scan(offline_dock, utm_raster, monkeypatch):
-    engine_python_env(monkeypatch)
-    _choose(offline_dock, utm_raster, scan_task.WHOLE_RASTER, "ground")
-    offline_dock.ask()
-    task = offline_dock.scan_task
-    outcome = []
-    task.done.connect(lambda summary, error: outcome.append((summary, error)))
+    outcome = _scan_from_dock(offline_dock, utm_raster, "ground", monkeypatch)
     offline_dock.cancel()
     assert wait_until(lambda: outcome, 300), "the cancelled scan did not end"
     assert outcome[0][0] is None and "Cancelled" in outcome[0][1]
