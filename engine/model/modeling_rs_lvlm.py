@@ -95,7 +95,6 @@ class RsLvlmForConditionalGeneration(nn.Module):
                 (config.hidden_size + 1) // 2)[:config.hidden_size])
         if config.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
-        self.retriever: Retriever | None = None    # e.g. the faiss index, set by the engine
         self.init_weights()
 
     @classmethod
@@ -214,7 +213,7 @@ class RsLvlmForConditionalGeneration(nn.Module):
             levels = tuple(self.vision(pixel_values))
         retrieved, retrieval_loss = {}, None
         if self.sam is not None:
-            sam_out = self.sam(levels, question_embeds, retrieval_targets, retriever or self.retriever)
+            sam_out = self.sam(levels, question_embeds, retrieval_targets, retriever)
             levels, retrieved, retrieval_loss = sam_out.levels, sam_out.retrieved, sam_out.retrieval_loss
         embeds, token_levels = self.projector(levels)
         if detections is not None:

@@ -172,7 +172,10 @@ class SemanticAugmentation(nn.Module):
                 retrieved[name] = (empty, empty.long())
                 continue
             q = self.queries(tokens, index, question_embeds)                       # (B, Dk)
-            all_scores = q @ knowledge.T                                           # (B, N)
+            # Every entry is scored only where that is the job: the training loss, or the exact
+            # top-k when no index is given.  With an index (inference) the search is done once,
+            # by faiss, and only its k hits are scored here (in the model's precision).
+            all_scores = q @ knowledge.T if (name in targets or retriever is None) else None   # (B, N)
             if name in targets:
                 losses.append(self._contrastive_loss(all_scores * scale, cand, targets[name]))
             if retriever is None:
@@ -183,7 +186,8 @@ class SemanticAugmentation(nn.Module):
                 ids = torch.as_tensor(np.asarray(ids_np), dtype=torch.long, device=q.device).reshape(b, -1)
                 valid = ids >= 0
                 ids = ids.clamp(min=0)
-                scores = all_scores.gather(1, ids).masked_fill(~valid, float("-inf"))  # recomputed: differentiable
+                hits = torch.einsum("bd,bkd->bk", q, knowledge[ids])                    # (B, k)
+                scores = hits.masked_fill(~valid, float("-inf"))
             # attention bias: log-softmax of the scores over the k entries, + log k (uniform -> 0)
             bias = torch.log_softmax(scores * scale, dim=-1) + math.log(ids.shape[1])    # (B, k)
             bias = torch.where(valid.any(dim=1, keepdim=True), bias, torch.zeros_like(bias))  # no hit: uniform
