@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from engine.errors import BAD_REQUEST, EngineError
 from engine.protocol.wire import clean_text
 from engine.tasks import BACKENDS, PRECISIONS, SCAN_TASKS, TASKS, canonical_precision, canonical_task
 
-__all__ = ["Field", "ASK_FIELDS", "SCAN_FIELDS", "AskParams", "ScanParams", "validate", "add_arguments",
+__all__ = ["Field", "ASK_FIELDS", "SCAN_FIELDS", "RequestParams", "AskParams", "ScanParams", "validate", "add_arguments",
            "params_from_args", "MAX_QUESTION_CHARS", "MAX_WKT_CHARS", "MAX_PATH_CHARS", "MAX_HISTORY_TURNS"]
 
 MAX_QUESTION_CHARS = 4000
@@ -209,59 +209,56 @@ def validate(table: tuple[Field, ...], params: Any) -> dict[str, Any]:
 
 
 @dataclass
-class AskParams:
-    """Validated ``ask`` parameters; mirrors the CLI flags (docs/protocol.md)."""
+class RequestParams:
+    """What every request on a raster shares: the validated values of its table's fields."""
 
     raster: str
     task: str
+    question: str | None = None
     bbox: tuple[float, float, float, float] | None = None
     bbox_crs: str | None = None
     region_wkt: str | None = None
-    region_crs: str | None = None
-    question: str | None = None
-    out: str | None = None
-    out_crs: str | None = None
     model: str | None = None
     device: str = "auto"
     backend: str = "auto"
     precision: str = "auto"
     max_tokens: int = DEFAULT_MAX_TOKENS
     bands: list[int] | None = None
-    history: list[dict] | None = None
+
+    TABLE: ClassVar[tuple[Field, ...]] = ()
 
     @classmethod
-    def from_dict(cls, params: Any) -> "AskParams":
-        values = validate(ASK_FIELDS, params)
-        values["region_crs"] = values["region_crs"] or values["bbox_crs"]
+    def from_dict(cls, params: Any):
+        values = validate(cls.TABLE, params)
         return cls(**{f.name: values[f.name] for f in fields(cls)})
 
 
 @dataclass
-class ScanParams:
+class AskParams(RequestParams):
+    """Validated ``ask`` parameters; mirrors the CLI flags (docs/protocol.md)."""
+
+    region_crs: str | None = None
+    out: str | None = None
+    out_crs: str | None = None
+    history: list[dict] | None = None
+
+    TABLE: ClassVar[tuple[Field, ...]] = ASK_FIELDS
+
+    def __post_init__(self) -> None:
+        self.region_crs = self.region_crs or self.bbox_crs
+
+
+@dataclass
+class ScanParams(RequestParams):
     """Validated ``scan`` parameters; mirrors the CLI flags (docs/protocol.md)."""
 
-    raster: str
-    task: str
-    out: str
-    question: str | None = None
-    bbox: tuple[float, float, float, float] | None = None
-    bbox_crs: str | None = None
-    region_wkt: str | None = None
-    model: str | None = None
-    device: str = "auto"
-    backend: str = "auto"
-    precision: str = "auto"
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    bands: list[int] | None = None
+    out: str = ""                                  # required by the table
     tile: int | None = None
     overlap: int | None = None
     batch: int = 8
     min_score: float = 0.0
 
-    @classmethod
-    def from_dict(cls, params: Any) -> "ScanParams":
-        values = validate(SCAN_FIELDS, params)
-        return cls(**{f.name: values[f.name] for f in fields(cls)})
+    TABLE: ClassVar[tuple[Field, ...]] = SCAN_FIELDS
 
 
 def add_arguments(parser: argparse.ArgumentParser, table: tuple[Field, ...]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class ScanRequest(ScanParams):
         workers = params.get("ray_workers")
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 4096):
             raise EngineError(BAD_REQUEST, "ray_workers must be an integer between 1 and 4096")
-        base = {name: values[name] for name in ScanParams.__dataclass_fields__}
+        base = {f.name: values[f.name] for f in fields(ScanParams)}
         return cls(**base, region_crs=region_crs, ray=ray, ray_workers=workers)
 
     def run_id(self, raster_stamp: str, tile_px: int, overlap_px: int) -> str:
