@@ -213,6 +213,7 @@ class EngineService:
         extent = region_polygon(chip, out_crs=p.out_crs)
         result = {"task": p.task, "question": p.question or answer.prompt_question,
                   "text": readable_text(answer.text, p.task), "raw": answer.text,
+                  "confidence": None if answer.text_score is None else round(float(answer.text_score), 4),
                   "boxes": boxes, "crs": crs_text,
                   "extent": {"wkt": extent.wkt, "bounds": list(extent.bounds)},
                   "retrieved": answer.retrieved, "model": pipeline.name, "device": pipeline.device,

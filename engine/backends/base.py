@@ -35,6 +35,7 @@ class Answer:
     stopped_reason: str
     prompt_question: str
     timing: dict = field(default_factory=dict)
+    text_score: float | None = None  # geometric-mean probability of the answer's tokens (a class's confidence)
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ from engine.grounding import GridBox
 
 from .base import StopCheck, TokenCallback
 
-__all__ = ["DecodeResult", "decode", "sample_next_token", "box_scores"]
+__all__ = ["DecodeResult", "decode", "sample_next_token", "box_scores", "text_score"]
 
 LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(history_ids (B, T), scores (B, V)) -> scores``, as transformers' logits processors."""
@@ -161,6 +161,11 @@ def _result(rows: list[_Row], cancelled: bool, on_token: TokenCallback | None = 
                         [r.logprobs for r in rows], [r.ends for r in rows])
 
 
+def text_score(token_logps: list[float]) -> float | None:
+    """The answer's confidence: the geometric-mean probability of the tokens it was written with."""
+    return math.exp(sum(token_logps) / len(token_logps)) if token_logps else None
+
+
 def box_scores(text: str, token_ends: list[int], token_logps: list[float], boxes: list[GridBox]) -> list[float]:
     """Geometric mean probability of the tokens overlapping each box's ``{...}`` text.
 
@@ -180,7 +185,7 @@ def box_scores(text: str, token_ends: list[int], token_logps: list[float], boxes
             break
         spans.append((start, end + 1))
         pos = end + 1
-    overall = math.exp(sum(token_logps) / len(token_logps))
+    overall = text_score(token_logps)
     if len(spans) != len(boxes):
         return [overall] * len(boxes)
     scores = []

@@ -42,7 +42,7 @@ from engine.grounding import parse_boxes
 from engine.model.image_processing import CLIP_MEAN, CLIP_STD, preprocess_images
 
 from .base import Answer
-from .decoding import box_scores, decode
+from .decoding import box_scores, decode, text_score
 from .memory import MODEL_TOO_LARGE, check_fits, resolve_dtype, resolve_quantization, safetensors_files
 from .tokenizer_files import IMAGE_TOKEN, load_tokenizer
 
@@ -390,7 +390,8 @@ class LlavaPipeline:
             boxes = parse_boxes(text) if task == "ground" or "{<" in text else []
             scores = box_scores(raw, result.token_ends[i], result.logprobs[i], boxes)
             answers.append(Answer(text=text, boxes=boxes, box_scores=scores, retrieved=[],
-                                  stopped_reason=result.stopped_reasons[i], prompt_question=asked))
+                                  stopped_reason=result.stopped_reasons[i], prompt_question=asked,
+                                  text_score=text_score(result.logprobs[i])))
         n_tokens = sum(len([t for t in seq if t not in self.eos_ids]) for seq in result.sequences)
         timing = {"prepare_s": t_prep - t0, "generate_s": t_gen - t_prep, "new_tokens": n_tokens,
                   "tokens_per_s": n_tokens / max(t_gen - t_prep, 1e-9)}

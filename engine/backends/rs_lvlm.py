@@ -18,7 +18,7 @@ from engine.grounding import parse_boxes
 from engine.tasks import LEVELS, split_task_token
 
 from .base import Answer, StopCheck, TokenCallback, checkpoint_errors
-from .decoding import DecodeResult, box_scores, decode
+from .decoding import DecodeResult, box_scores, decode, text_score
 
 
 
@@ -163,7 +163,7 @@ class RsLvlmPipeline:
                 scores = box_scores(result.texts[i], result.token_ends[i], result.logprobs[i], boxes)
             answers.append(Answer(text=text, boxes=boxes, box_scores=scores,
                                   retrieved=self._retrieved_for(result.retrieved, i), stopped_reason=result.stopped_reason,
-                                  prompt_question=asked))
+                                  prompt_question=asked, text_score=text_score(result.logprobs[i])))
         n_tokens = sum(len(s) for s in result.sequences)
         timing = {"prepare_s": t_prep - t0, "generate_s": t_gen - t_prep, "new_tokens": n_tokens,
                   "first_token_s": (first_token_at[0] - t0) if first_token_at else None,

@@ -163,7 +163,7 @@ class VllmPipeline:
             # vLLM reports the answer's log-probability, not per token span: each box gets the
             # answer's geometric-mean token probability.
             answers.append(Answer(text=text, boxes=boxes, box_scores=[confidence[rid]] * len(boxes), retrieved=[],
-                                  stopped_reason=reasons[rid], prompt_question=asked,
+                                  stopped_reason=reasons[rid], prompt_question=asked, text_score=confidence[rid],
                                   timing={"generate_s": t_gen - t0,
                                           **({"first_token_s": first[0] - t0} if first else {})}))
         return answers

@@ -84,3 +84,12 @@ def test_int8_is_refused_on_cuda_before_loading(tiny_llava):
     with pytest.raises(EngineError) as info:
         load_pipeline(tiny_llava, "cuda", dtype="int8")
     assert info.value.code == "bad_request" and "CPU" in info.value.message
+
+
+def test_every_answer_carries_its_confidence(tiny_llava):
+    import math
+
+    pipeline = load_pipeline(tiny_llava, "cpu")
+    answer = pipeline.answer([chip()], "classify", None, max_new_tokens=6)[0]
+    assert answer.text_score is not None and 0.0 < answer.text_score <= 1.0
+    assert not math.isnan(answer.text_score)
