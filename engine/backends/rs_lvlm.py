@@ -35,6 +35,14 @@ def generate(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attenti
     steps = RsLvlmDecodeSteps(model, pixel_values, input_ids, attention_mask, question_embeds,
                               max_new_tokens=max_new_tokens, use_cache=use_cache, retriever=retriever,
                               fast=fast, int8=int8)
+    names = tuple(getattr(model.config, "object_classes", ()) or ())
+    if tokenizer is not None and names:
+        from engine.model.references import phrase_class
+
+        def reference_class(tokens: list[int]) -> int | None:
+            return phrase_class(tokenizer.decode(tokens, skip_special_tokens=True), names)
+
+        steps.reference_class = reference_class
     result = decode(steps.prefill, steps.step, input_ids.shape[0], max_new_tokens=max_new_tokens,
                     eos_ids=steps.eos_ids, pad_id=steps.pad_id, tokenizer=tokenizer, stop_strings=stop_strings,
                     on_token=on_token, should_stop=should_stop, do_sample=do_sample, temperature=temperature,

@@ -165,6 +165,10 @@ def model_config_for(config: TrainConfig, tokenizer):
     model_config.eos_token_id = tokenizer.eos_token_id
     model_config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     model_config.grid_token_start = tokenizer.convert_tokens_to_ids("<0>")
+    if model_config.vision_backbone == "centernet" and not model_config.object_classes:
+        from engine.data.scene_generator import OBJECT_CLASSES
+
+        model_config.object_classes = tuple(OBJECT_CLASSES)
     obj0 = tokenizer.convert_tokens_to_ids("<obj0>")
     model_config.object_token_start = obj0 if obj0 is not None and obj0 != tokenizer.unk_token_id else None
     return model_config

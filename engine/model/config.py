@@ -90,6 +90,7 @@ class RsLvlmConfig:
     detector_channels: tuple[int, int, int, int] = (24, 48, 96, 160)   # strides 2, 4, 8, 16
     num_object_tokens: int = 32
     num_object_classes: int = 8
+    object_classes: tuple[str, ...] = ()   # names of the detector's classes (set at training)
     num_colours: int = 6
     num_size_words: int = 3
     num_land_cover: int = 6
@@ -152,6 +153,7 @@ class RsLvlmConfig:
         self.image_mean = tuple(float(v) for v in self.image_mean)
         self.image_std = tuple(float(v) for v in self.image_std)
         self.detector_channels = tuple(int(v) for v in self.detector_channels)
+        self.object_classes = tuple(str(v) for v in self.object_classes)
         if self.vision_backbone not in ("vit", "centernet"):
             raise ValueError(f"vision_backbone must be 'vit' or 'centernet', got {self.vision_backbone!r}")
         if self.vision_backbone == "centernet" and self.image_size % 16:
@@ -198,6 +200,7 @@ class RsLvlmConfig:
         d["image_mean"] = list(self.image_mean)
         d["image_std"] = list(self.image_std)
         d["detector_channels"] = list(self.detector_channels)
+        d["object_classes"] = list(self.object_classes)
         return d
 
     @classmethod

@@ -10,6 +10,8 @@ module-by-module reference path.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .fast_decode import FusedDecoder
@@ -40,6 +42,9 @@ class RsLvlmDecodeSteps:
         self.retrieved: dict = {}
         # (B, K, 4) boxes, (B, K) scores, (B, K) classes of the object tokens' detections
         self.detections: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # tokens generated so far of one row -> the class its next reference must have (the
+        # pipeline sets it from its tokenizer and the detector's class names)
+        self.reference_class: Callable[[list[int]], int | None] | None = None
         self._cache = None
         self._decoder: FusedDecoder | None = None
         self._spliced_mask: torch.Tensor | None = None
@@ -82,7 +87,10 @@ class RsLvlmDecodeSteps:
         if self.detections is None or start is None:
             return logits
         _, scores, classes = self.detections
-        return constrain_references(logits, self._generated, scores, classes, int(start))
+        phrase = None
+        if self.reference_class is not None:
+            phrase = [self.reference_class(row.tolist()) for row in self._generated]
+        return constrain_references(logits, self._generated, scores, classes, int(start), phrase)
 
     def _step(self, tokens: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         self._generated = torch.cat([self._generated, tokens[:, None]], dim=1)

@@ -95,15 +95,29 @@ def resolve_references(text: str, boxes: list[list[float]], scores: list[float])
     return REFERENCE_RE.sub(repl, text), found
 
 
+def phrase_class(text: str, class_names: tuple[str, ...]) -> int | None:
+    """The class named last in ``text`` after its last reference ("..., airplane " -> airplane):
+    the class the next reference of a grounded phrase must have."""
+    tail = REFERENCE_RE.split(text)[-1].lower() if text else ""
+    best, at = None, -1
+    for i, name in enumerate(class_names):
+        for m in re.finditer(rf"\b{re.escape(name)}s?\b", tail):
+            if m.start() > at or (m.start() == at and best is not None and len(name) > len(class_names[best])):
+                best, at = i, m.start()
+    return best
+
+
 def constrain_references(logits: torch.Tensor, generated: torch.Tensor, scores: torch.Tensor,
-                         classes: torch.Tensor, object_token_start: int) -> torch.Tensor:
+                         classes: torch.Tensor, object_token_start: int,
+                         phrase_classes: list[int | None] | None = None) -> torch.Tensor:
     """Constrained decoding of references: logits (B, V) for the next token, given the tokens
     generated so far (B, t) and the detections' scores and classes (B, K).
 
     A reference may not point at a filler detection (score below :data:`MIN_REFERENCE_SCORE`)
     nor at a detection the answer already referred to (one box per object), and a reference that
-    follows another one stays in its class (``airplane <obj2><obj5>`` lists airplanes).  The
-    model's own preference decides everything else."""
+    follows another one stays in its class (``airplane <obj2><obj5>`` lists airplanes); the first
+    reference after a phrase has the class the phrase names (``phrase_classes[row]``), when
+    a detection of it is left.  The model's own preference decides everything else."""
     k = scores.shape[1]
     ref = logits[:, object_token_start:object_token_start + k]
     banned = scores.to(logits.device) < MIN_REFERENCE_SCORE                      # (B, K)
@@ -117,6 +131,14 @@ def constrain_references(logits: torch.Tensor, generated: torch.Tensor, scores: 
         follows = is_ref[:, -1]
         last_class = classes.to(logits.device).gather(1, last.clamp(0, k - 1)[:, None])      # (B, 1)
         banned = banned | (follows[:, None] & (classes.to(logits.device) != last_class))
+    if phrase_classes is not None:
+        follows_ref = (is_ref[:, -1] if generated.shape[1] else torch.zeros_like(banned[:, 0]))
+        for row, cls in enumerate(phrase_classes):
+            if cls is None or bool(follows_ref[row]):
+                continue
+            other = classes[row].to(logits.device) != cls
+            if bool((~(banned[row] | other)).any()):
+                banned[row] = banned[row] | other
     logits = logits.clone()
     logits[:, object_token_start:object_token_start + k] = ref.masked_fill(banned, float("-inf"))
     return logits

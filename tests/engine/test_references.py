@@ -53,3 +53,14 @@ def test_decoding_never_repeats_a_reference_nor_points_at_filler_and_stays_in_th
     out = constrain_references(logits, torch.tensor([[7, START + 0]]), scores, classes, START)
     allowed = torch.isfinite(out[0, START:]).tolist()
     assert allowed == [False, False, True, False]            # not again, not another class, not filler
+
+
+def test_the_first_reference_after_a_phrase_has_the_class_the_phrase_names():
+    from engine.model.references import constrain_references, phrase_class
+
+    names = ("airplane", "ship")
+    assert phrase_class("ship <obj0>, airplanes ", names) == 0
+    logits = torch.zeros(1, START + 3)
+    scores, classes = torch.tensor([[0.9, 0.8, 0.7]]), torch.tensor([[1, 0, 1]])
+    out = constrain_references(logits, torch.tensor([[7]]), scores, classes, START, phrase_classes=[0])
+    assert torch.isfinite(out[0, START:]).tolist() == [False, True, False]
