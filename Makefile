@@ -53,6 +53,7 @@ fuzz: setup
 bench: setup
 	$(ENGINE_PY) benchmarks/run_benchmarks.py
 	$(ENGINE_PY) benchmarks/bench_scan.py
+	$(ENGINE_PY) benchmarks/bench_llava.py
 
 package:
 	python3 scripts/package_plugin.py

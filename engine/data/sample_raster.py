@@ -31,10 +31,16 @@ def tile_seed_classes(seed: int, n_tiles: int) -> list[str]:
     return [SCENE_CLASSES[int(perm[i % len(SCENE_CLASSES)])] for i in range(n_tiles)]
 
 
+SCENE_RENDER_SIZE = 256
+"""Pixels of one synthetic scene as rendered (the training images are this, resized to the model input)."""
+DEFAULT_PIXEL_SIZE = 0.5
+"""Metres a synthetic scene pixel stands for: the sample raster's scale, recorded in checkpoints."""
+
+
 def write_sample_geotiff(path: str | os.PathLike, seed: int = 7, grid: tuple[int, int] = (3, 3),
-                         tile: int = 256, crs: str = "EPSG:32633",
+                         tile: int = SCENE_RENDER_SIZE, crs: str = "EPSG:32633",
                          origin: tuple[float, float] = (500000.0, 4650000.0),
-                         pixel_size: float = 0.5) -> dict:
+                         pixel_size: float = DEFAULT_PIXEL_SIZE) -> dict:
     """Write the mosaic GeoTIFF and its truth sidecar; return the truth dictionary.
 
     ``grid`` is (rows, cols) of tiles, each one scene of ``tile`` px rendered from

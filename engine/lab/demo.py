@@ -45,15 +45,19 @@ def _objects(tile: dict, cls: str) -> list[dict]:
 
 
 def _grounding_hits(result: dict, truth: list[dict], threshold: float = 0.5) -> int:
-    """Truth objects matched one-to-one by an answered box with IoU >= threshold (map coordinates)."""
+    """Truth objects matched one-to-one by an answered box with IoU >= threshold (map coordinates).
+
+    The truth is each object's axis-aligned box (``bbox_map``), as the model is asked to draw it;
+    its footprint polygon (an airplane's cross) would never reach IoU 0.5 with any box.
+    """
     from shapely import wkt as shapely_wkt
-    from shapely.geometry import Polygon
+    from shapely.geometry import box as shapely_box
 
     answered = [shapely_wkt.loads(b["wkt"]) for b in result["boxes"]]
     used: set[int] = set()
     hits = 0
     for obj in truth:
-        target = Polygon(obj["polygon_map"])
+        target = shapely_box(*obj["bbox_map"])
         best, best_iou = None, threshold
         for i, box in enumerate(answered):
             if i in used:

@@ -169,6 +169,10 @@ def model_config_for(config: TrainConfig, tokenizer):
         from engine.data.scene_generator import OBJECT_CLASSES
 
         model_config.object_classes = tuple(OBJECT_CLASSES)
+    if model_config.training_gsd is None:    # the synthetic scenes: 256 px read as 0.5 m pixels
+        from engine.data.sample_raster import DEFAULT_PIXEL_SIZE, SCENE_RENDER_SIZE
+
+        model_config.training_gsd, model_config.training_scene_size = DEFAULT_PIXEL_SIZE, SCENE_RENDER_SIZE
     obj0 = tokenizer.convert_tokens_to_ids("<obj0>")
     model_config.object_token_start = obj0 if obj0 is not None and obj0 != tokenizer.unk_token_id else None
     return model_config

@@ -146,6 +146,12 @@ class RsLvlmConfig:
     # centre, so that writing a box is partly copying from the visual token that shows the object.
     grid_position_hint: bool = False
 
+    # The ground the training scenes covered: scene_size source pixels of training_gsd metres
+    # each (the synthetic scenes are rendered at 256 px and read as 0.5 m pixels, the sample
+    # raster's scale).  A scan tiles other rasters so that a tile covers the same ground.
+    training_gsd: float | None = None
+    training_scene_size: int | None = None
+
     model_type: str = field(default="rs_lvlm")
     name: str = ""        # shown to the analyst ("rs-lvlm-tiny"); empty: the checkpoint folder's name
 
