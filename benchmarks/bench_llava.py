@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "engine"))
 
+from benchmarks.generation_vs_transformers import _time  # noqa: E402  (best of N after a warm-up)
+
 SMALL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=4,
              num_key_value_heads=4, vocab_size=32000)
 SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -101,16 +103,6 @@ def _image() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, (336, 336, 3), dtype=np.uint8)
 
 
-def _best(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 @torch.inference_mode()
 def bench_small(folder: Path, new_tokens: int = 24, repeats: int = 3) -> dict:
     """Ours vs transformers generate on the same small weights: prefill and decode, batch 1 and 8."""
@@ -139,8 +131,8 @@ def bench_small(folder: Path, new_tokens: int = 24, repeats: int = 3) -> dict:
         rows = {"transformers": (lambda n: hf(n)), "ours": (lambda n: ours(n)),
                 "ours_unfused": (lambda n: ours(n, fused=False))}
         for name, fn in rows.items():
-            prefill = _best(lambda: fn(1), repeats)
-            total = _best(lambda: fn(new_tokens), repeats)
+            prefill = _time(lambda: fn(1), repeats)
+            total = _time(lambda: fn(new_tokens), repeats)
             out[f"b{batch}_{name}_prefill_ms"] = round(prefill * 1000, 1)
             out[f"b{batch}_{name}_decode_ms_per_token"] = round((total - prefill) / (new_tokens - 1) * 1000, 2)
         pipeline.fused_decode = True

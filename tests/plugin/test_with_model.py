@@ -113,6 +113,17 @@ def _ask(dock, task: str, question: str = ""):
     return finished(req, 300)
 
 
+def _first_grounded(dock, scene) -> dict:
+    """The first ground answer with boxes among the target's questions (bounded: each try is a
+    full generation)."""
+    for question in target(scene)[1][:3]:
+        req = _ask(dock, "ground", question)
+        assert req.error is None, req.error
+        if req.result["boxes"]:
+            return req.result
+    raise AssertionError("the model grounded nothing on the sample scene")
+
+
 def test_caption_answer_adds_feature_with_drawn_region_and_answer(dock, scene, shown_canvas):
     drawn = _draw_rectangle(dock, shown_canvas, scene, "EPSG:32633")
     req = _ask(dock, "caption")
@@ -163,14 +174,7 @@ def test_grounding_boxes_lie_inside_drawn_region_in_raster_crs_with_web_mercator
                                        QgsProject.instance())
     region_in_raster = to_raster.transformBoundingBox(drawn)
     region_in_raster.grow(2 * scene.rasterUnitsPerPixelX())
-    result = None
-    for question in target(scene)[1][:3]:  # bounded: each try is a full generation
-        req = _ask(dock, "ground", question)
-        assert req.error is None, req.error
-        if req.result["boxes"]:
-            result = req.result
-            break
-    assert result is not None, "the model grounded nothing on the sample scene"
+    result = _first_grounded(dock, scene)
     detections = result_layers.find_layer(result_layers.DETECTIONS_LAYER)
     assert detections is not None
     assert detections.crs() == scene.crs() != QgsProject.instance().crs()
@@ -184,14 +188,7 @@ def test_grounding_boxes_lie_inside_drawn_region_in_raster_crs_with_web_mercator
 
 def test_grounded_answer_reads_as_text_with_the_raw_output_kept_real_engine(dock, scene, shown_canvas):
     _draw_rectangle(dock, shown_canvas, scene, "EPSG:32633")
-    result = None
-    for question in target(scene)[1][:3]:
-        req = _ask(dock, "ground", question)
-        assert req.error is None, req.error
-        if req.result["boxes"]:
-            result = req.result
-            break
-    assert result is not None, "the model grounded nothing on the sample scene"
+    result = _first_grounded(dock, scene)
     assert "{<" in result["raw"] and "{<" not in result["text"]
     assert "{<" not in dock.answerView.toPlainText() and dock.answerView.toPlainText().strip()
     answers = result_layers.find_layer(result_layers.ANSWERS_LAYER)
