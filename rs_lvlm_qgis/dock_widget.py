@@ -354,6 +354,10 @@ class RsLvlmDock(QDockWidget):
     def _on_progress(self, req: EngineRequest, done: int, total: int, message: str) -> None:
         if req is not self.request:
             return
+        self.show_progress(done, total, message)
+
+    def show_progress(self, done: int, total: int, message: str = "") -> None:
+        """The progress bar (shown only once there is a total) and the status line."""
         if total > 0:
             self.progressBar.setTextVisible(True)
             self.progressBar.setRange(0, total)

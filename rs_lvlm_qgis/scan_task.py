@@ -156,12 +156,7 @@ def start_dock_scan(dock: Any) -> Optional[ScanTask]:
     dock.scan_task = task
 
     def progressed(done: int, total: int, message: str) -> None:
-        if total > 0:
-            dock.progressBar.setTextVisible(True)
-            dock.progressBar.setRange(0, total)
-            dock.progressBar.setValue(min(done, total))
-        if message:
-            dock.show_message(message)
+        dock.show_progress(done, total, message)
 
     def finished(summary: Optional[Dict[str, Any]], error: str) -> None:
         dock.cancelButton.setEnabled(False)
