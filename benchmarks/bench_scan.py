@@ -83,21 +83,10 @@ def tile_raster(src: Path, dst: Path, times: int) -> None:
 
 
 def match(pred: list, truth: list, iou: float = 0.5) -> tuple[int, int, int]:
-    """(true positives, predictions, truths) with greedy one-to-one IoU matching."""
-    used, tp = set(), 0
-    for p in pred:
-        best, best_j = 0.0, None
-        for j, t in enumerate(truth):
-            if j in used:
-                continue
-            inter = p.intersection(t).area
-            score = inter / (p.area + t.area - inter) if inter > 0 else 0.0
-            if score > best:
-                best, best_j = score, j
-        if best_j is not None and best >= iou:
-            used.add(best_j)
-            tp += 1
-    return tp, len(pred), len(truth)
+    """(true positives, predictions, truths) with the evaluation's one-to-one IoU matching."""
+    from engine.lab.metrics import match_geometries
+
+    return match_geometries(pred, truth, iou), len(pred), len(truth)
 
 
 def quality(mosaic: Path, truth: dict, batch: int) -> dict:

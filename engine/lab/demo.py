@@ -53,23 +53,10 @@ def _grounding_hits(result: dict, truth: list[dict], threshold: float = 0.5) -> 
     from shapely import wkt as shapely_wkt
     from shapely.geometry import box as shapely_box
 
+    from engine.lab.metrics import match_geometries
+
     answered = [shapely_wkt.loads(b["wkt"]) for b in result["boxes"]]
-    used: set[int] = set()
-    hits = 0
-    for obj in truth:
-        target = shapely_box(*obj["bbox_map"])
-        best, best_iou = None, threshold
-        for i, box in enumerate(answered):
-            if i in used:
-                continue
-            union = box.union(target).area
-            iou = box.intersection(target).area / union if union > 0 else 0.0
-            if iou >= best_iou:
-                best, best_iou = i, iou
-        if best is not None:
-            used.add(best)
-            hits += 1
-    return hits
+    return match_geometries(answered, [shapely_box(*obj["bbox_map"]) for obj in truth], threshold)
 
 
 def truth_for(task: str, question: str | None, tile: dict, result: dict) -> tuple[str, bool | None]:

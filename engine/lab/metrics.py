@@ -9,7 +9,6 @@ the Java-based PTBTokenizer so no JVM is needed.
 """
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from typing import Sequence
@@ -108,6 +107,24 @@ def match_boxes(pred: Sequence[GridBox], ref: Sequence[GridBox]) -> list[float]:
         done.add(j)
         out[j] = iou
     return out
+
+
+def match_geometries(pred: Sequence, truth: Sequence, threshold: float = 0.5) -> int:
+    """Greedy one-to-one matches with IoU >= ``threshold`` between shapely geometries (map
+    coordinates): the pairs in order of IoU, each geometry used once.  The mosaic evaluation,
+    the demo and the scan benchmark all count hits this way."""
+    pairs = sorted(((p.intersection(t).area / max(p.union(t).area, 1e-12), i, j)
+                    for i, p in enumerate(pred) for j, t in enumerate(truth)), reverse=True)
+    used_p: set[int] = set()
+    used_t: set[int] = set()
+    for iou, i, j in pairs:
+        if iou < threshold:
+            break
+        if i in used_p or j in used_t:
+            continue
+        used_p.add(i)
+        used_t.add(j)
+    return len(used_t)
 
 
 def grounding_scores(pred_texts: Sequence[str], ref_boxes: Sequence[Sequence[GridBox]]) -> dict:

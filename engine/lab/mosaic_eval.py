@@ -17,23 +17,9 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+from engine.lab.metrics import match_geometries
+
 __all__ = ["evaluate_mosaic"]
-
-
-def _match(pred: list, truth: list, threshold: float = 0.5) -> int:
-    """Greedy one-to-one matches with IoU >= threshold between shapely geometries."""
-    pairs = sorted(((p.intersection(t).area / max(p.union(t).area, 1e-12), i, j)
-                    for i, p in enumerate(pred) for j, t in enumerate(truth)), reverse=True)
-    used_p, used_t, hits = set(), set(), 0
-    for iou, i, j in pairs:
-        if iou < threshold:
-            break
-        if i in used_p or j in used_t:
-            continue
-        used_p.add(i)
-        used_t.add(j)
-        hits += 1
-    return hits
 
 
 def evaluate_mosaic(model_dir: Path, seed: int = 2027, grid: tuple[int, int] = (4, 5), crs: str = "EPSG:32632",
@@ -66,7 +52,7 @@ def evaluate_mosaic(model_dir: Path, seed: int = 2027, grid: tuple[int, int] = (
                 grounded = service.ask({**base, "task": "ground", "question": phrase}, ctx)
                 pred = [shapely_wkt.loads(b["wkt"]) for b in grounded["boxes"]]
                 true = [box(*o["bbox_map"]) for o in tile["objects"] if o["cls"] == cls]
-                tp += _match(pred, true)
+                tp += match_geometries(pred, true)
                 n_pred, n_true = n_pred + len(pred), n_true + len(true)
     return {"mosaic": {"seed": seed, "grid": list(grid), "crs": crs, "pixel_size": pixel_size,
                        "tiles": len(truth["tiles"])},

@@ -211,12 +211,9 @@ def run_scan(params: dict, context: Any, service: Any) -> dict:
 
 
 def _model_name(model_dir: Path) -> str:
-    import json
+    from engine.backends import checkpoint_config
 
-    try:
-        return str(json.loads((model_dir / "config.json").read_text()).get("name") or model_dir.name)
-    except (OSError, ValueError):
-        return model_dir.name
+    return str(checkpoint_config(model_dir).get("name") or model_dir.name)
 
 
 def scan_handler(service: Any) -> Callable[[dict, Any], dict]:

@@ -19,7 +19,6 @@ scan's warnings.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,11 +124,9 @@ def axis_tiles(start: int, length: int, tile: int, overlap: int) -> list[tuple[i
 def default_tile_px(model_dir: Path, image_size: int, pixel_size: float, crs: CRS | None
                     ) -> tuple[int, str | None]:
     """The tile in raster pixels at the model's training ground size, and a note when guessed."""
-    config: dict = {}
-    try:
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        pass
+    from engine.backends import checkpoint_config
+
+    config = checkpoint_config(model_dir)
     gsd, scene = config.get("training_gsd"), config.get("training_scene_size")
     metric = crs is not None and crs.is_projected and (crs.linear_units or "").lower() in ("metre", "meter", "m")
     if isinstance(gsd, (int, float)) and isinstance(scene, (int, float)) and gsd > 0 and scene > 0:

@@ -65,3 +65,15 @@ def test_caption_scores_identical_high_unrelated_low():
     assert other["bleu4"] < 0.1 and other["cider"] < 0.5
     empty = caption_scores(["", ""], [["a b c"], ["d e f"]])
     assert empty["bleu4"] < 1e-3
+
+
+def test_map_geometries_match_one_to_one_in_order_of_iou():
+    from shapely.geometry import box
+
+    from engine.lab.metrics import match_geometries
+
+    truth = [box(0, 0, 10, 10), box(20, 0, 30, 10)]
+    pred = [box(1, 0, 11, 10), box(0, 0, 10, 10), box(40, 0, 50, 10)]   # two claim the first object
+    assert match_geometries(pred, truth) == 1
+    assert match_geometries(pred + [box(20, 0, 29, 10)], truth) == 2
+    assert match_geometries([box(0, 0, 10, 4)], truth) == 0               # IoU 0.4 < 0.5
