@@ -249,7 +249,8 @@ def readable_text(raw: str, task: str = "ground") -> str:
     For ``ground`` an answer made of labelled box groups, ``"airplane {<29><18><45><31>|0}{<50>
     <50><60><60>|0}"``, reads ``"2 airplanes"``.  For every other task (and a ground answer with
     prose around its boxes) the box syntax is taken out and the sentence kept: a caption's
-    grounded phrases are prose, not labels to count.  The boxes themselves travel separately
+    grounded phrases are prose, not labels to count.  A ``vqa`` answer that shows its evidence
+    first, ``"{<40><12><52><20>|0} red"``, reads ``"red"``.  The boxes themselves travel separately
     (the result's ``boxes``), and the raw text in its own field.
     """
     if not isinstance(raw, str) or not raw:
@@ -257,6 +258,12 @@ def readable_text(raw: str, task: str = "ground") -> str:
     boxes = parse_boxes(raw)
     if not boxes:
         return raw.strip()
+    if task == "vqa":
+        # An answer that points at its evidence first ("{box} red", "{box} and {box} left"):
+        # the answer is what follows the last box; the boxes go on the map.
+        tail = " ".join(_BOX_RE.split(raw)[-1].split()).strip(" ,;:")
+        if tail:
+            return tail
     stripped = " ".join(_BOX_RE.sub(" ", raw).split())
     if task == "ground":
         counts: dict[str, int] = {}

@@ -27,9 +27,11 @@ def generate(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attenti
              temperature: float = 1.0, top_p: float = 1.0, stop_strings: Sequence[str] = (), tokenizer=None,
              on_token: TokenCallback | None = None, should_stop: StopCheck | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None, retriever=None, fast: bool = True,
-             int8: bool = False) -> DecodeResult:
+             int8: bool = False, first_reference_class: Sequence[int | None] | None = None) -> DecodeResult:
     """Answers for a batch of images and left-padded prompts (one ``<image>`` each), through the
-    shared decode loop; ``result.retrieved`` holds what the SAM fused (level -> (scores, ids))."""
+    shared decode loop; ``result.retrieved`` holds what the SAM fused (level -> (scores, ids)).
+    ``first_reference_class[row]``: the class an answer's opening reference must have when no
+    phrase of the answer names one (a VQA answer pointing at the object its question names)."""
     from engine.model.generation import RsLvlmDecodeSteps
 
     steps = RsLvlmDecodeSteps(model, pixel_values, input_ids, attention_mask, question_embeds,
@@ -39,8 +41,14 @@ def generate(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attenti
     if tokenizer is not None and names:
         from engine.model.references import phrase_class
 
-        def reference_class(tokens: list[int]) -> int | None:
-            return phrase_class(tokenizer.decode(tokens, skip_special_tokens=True), names)
+        start = getattr(model.config, "object_token_start", None)
+
+        def reference_class(row: int, tokens: list[int]) -> int | None:
+            cls = phrase_class(tokenizer.decode(tokens, skip_special_tokens=True), names)
+            if cls is None and first_reference_class is not None and start is not None \
+                    and not any(t >= start for t in tokens):
+                cls = first_reference_class[row]
+            return cls
 
         steps.reference_class = reference_class
     result = decode(steps.prefill, steps.step, input_ids.shape[0], max_new_tokens=max_new_tokens,
@@ -151,10 +159,16 @@ class RsLvlmPipeline:
             if on_token is not None:
                 on_token(i, REFERENCE_RE.sub("", piece))     # a reference is shown as its box, at the end
 
+        first_class = None
+        names = tuple(getattr(self.config, "object_classes", ()) or ())
+        if task == "vqa" and names:
+            from engine.model.references import sole_named_class
+
+            first_class = [sole_named_class(asked, names)] * len(images)
         result = generate(self.model, pixel_values, input_ids, attention, q_embeds, max_new_tokens=max_new_tokens,
                           do_sample=do_sample, temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
                           on_token=stream, should_stop=should_stop, retriever=self.retriever,
-                          int8=self.int8_decode)
+                          int8=self.int8_decode, first_reference_class=first_class)
         t_gen = time.perf_counter()
         answers = []
         detections = getattr(result, "detections", None)

@@ -53,7 +53,8 @@ class Sample:
 
     ``knowledge_targets`` names the knowledge-base entries that are relevant per level ("scene":
     the scene class, "object": object classes present, "region": land covers over 10 %), the
-    supervision for retrieval; ``boxes`` are the answer's grid boxes (ground task);
+    supervision for retrieval; ``boxes`` are the answer's grid boxes (ground task) or the boxes of
+the objects a colour / position answer is about (vqa);
     ``references`` are all acceptable answers (several caption templates) for caption metrics.
     """
 
@@ -188,7 +189,9 @@ def _single_out(objs: list[SceneObject], rng: np.random.Generator, allow_colour:
 
 # --- VQA ------------------------------------------------------------------------------------
 
-QA = tuple[str, str]
+QA = tuple[str, str] | tuple[str, str, list[SceneObject]]
+"""(question, answer) or (question, answer, the objects the answer is about): colour and
+position answers name their objects, which training writes as references before the word."""
 
 
 def _presence(scene: Scene, rng: np.random.Generator) -> QA | None:
@@ -219,13 +222,13 @@ def _colour(scene: Scene, rng: np.random.Generator) -> QA | None:
     for c in rng.permutation(sorted(groups)):
         objs = groups[str(c)]
         if len(objs) >= 2 and len({o.colour for o in objs}) == 1 and rng.random() < 0.35:
-            return f"What colour are the {plural(str(c))}?", objs[0].colour
+            return f"What colour are the {plural(str(c))}?", objs[0].colour, list(objs)
         got = _single_out(objs, rng, allow_colour=False)
         if got is not None:
             desc, o = got
             q = [f"What colour is the {desc}?", f"What is the colour of the {desc}?",
                  f"Which colour does the {desc} have?"]
-            return q[int(rng.integers(len(q)))], o.colour
+            return q[int(rng.integers(len(q)))], o.colour, [o]
     return None
 
 
@@ -244,16 +247,16 @@ def _position(scene: Scene, rng: np.random.Generator) -> QA | None:
         dx = (o1.centre[0] - o2.centre[0]) / scene.size
         dy = (o1.centre[1] - o2.centre[1]) / scene.size
         if abs(dx) >= 0.1 and abs(dx) >= abs(dy):
-            return f"Is the {d1} left or right of the {d2}?", "left" if dx < 0 else "right"
+            return f"Is the {d1} left or right of the {d2}?", "left" if dx < 0 else "right", [o1, o2]
         if abs(dy) >= 0.1:
-            return f"Is the {d1} above or below the {d2}?", "above" if dy < 0 else "below"
+            return f"Is the {d1} above or below the {d2}?", "above" if dy < 0 else "below", [o1, o2]
     for i in order:
         desc, o = singled[int(i)]
         word = position_word(o.centre[0], o.centre[1], scene.size)
         if word is not None:
             q = [f"Where is the {desc} in the image?", f"In which part of the image is the {desc}?",
                  f"Where is the {desc}? Answer top, bottom, left, right or centre."]
-            return q[int(rng.integers(len(q)))], word
+            return q[int(rng.integers(len(q)))], word, [o]
     return None
 
 
@@ -376,7 +379,9 @@ def _make_sample(scene: Scene, rng: np.random.Generator, task: str, img: np.ndar
         for qt in list(rng.permutation(qtypes)) + list(rng.permutation(VQA_QTYPES)):
             qa = _VQA[str(qt)](scene, rng)
             if qa is not None:
-                return Sample(img, task, qa[0], qa[1], str(qt), {})
+                about = qa[2] if len(qa) > 2 else []
+                return Sample(img, task, qa[0], qa[1], str(qt), {},
+                              boxes=[object_grid_box(o, scene.size, oriented) for o in about])
         raise AssertionError("presence questions are always possible")  # pragma: no cover
     if task == "ground":
         q, answer, qtype, boxes = _ground(scene, rng, oriented)

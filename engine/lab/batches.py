@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["SampleStream", "SceneStream", "Collator", "reference_answer", "DEFAULT_TASK_MIX"]
+__all__ = ["SampleStream", "SceneStream", "Collator", "reference_answer", "evidence_answer", "DEFAULT_TASK_MIX"]
 
 DEFAULT_TASK_MIX: dict[str, int] = {"caption": 1, "vqa": 1, "ground": 1, "classify": 1}
 _BOX_TEXT = re.compile(r"\{[^{}]*\}")
@@ -76,6 +76,22 @@ def reference_answer(answer: str) -> tuple[str, int]:
     return _BOX_TEXT.sub(repl, answer), count[0]
 
 
+def evidence_answer(answer: str, n_objects: int) -> str:
+    """``("red", 1)`` -> ``"<obj0> red"``; ``("left", 2)`` -> ``"<obj0> and <obj1> left"``.
+
+    Why: an attribute answer is two steps, find the object the question describes (what
+    grounding by reference already learns) and read its colour or place.  Written as a pointer
+    first, the word is then read off the token the pointer names (object token k carries the
+    embedding of ``<obj k>``), instead of being guessed in one step (measured: colour 0.29 while the
+    detector's own colour head is right for 0.99 of the objects it finds).  Objects of one class
+    are listed back to back; the objects of a relative-position question (two classes) are
+    joined by "and" (consecutive references keep one class, see engine.model.references).
+    The reader sees the word only: engine.grounding.readable_text keeps what follows the boxes."""
+    refs = [f"<obj{i}>" for i in range(n_objects)]
+    joined = " and ".join(refs) if n_objects == 2 and answer in ("left", "right", "above", "below") else "".join(refs)
+    return f"{joined} {answer}"
+
+
 class Collator:
     """Turns samples into model tensors: images, left-padded token ids, labels, retrieval
     targets and, for an object-centric model, detection targets and reference slot boxes."""
@@ -86,6 +102,7 @@ class Collator:
         self.question_encoder = question_encoder
         self.object_centric = getattr(config, "vision_backbone", "vit") == "centernet"
         self.with_detection_targets = self.object_centric    # off when the detector is frozen
+        self.vqa_references = self.object_centric and bool(getattr(config, "vqa_references", False))
         self._question_cache: dict[str, np.ndarray] = {}
 
     def question_embeds(self, questions: list[str]) -> torch.Tensor:
@@ -132,6 +149,9 @@ class Collator:
             if self.object_centric and s.task == "ground" and s.boxes:
                 answer, n = reference_answer(answer)
                 slots.append([[b.x1 / 100, b.y1 / 100, b.x2 / 100, b.y2 / 100] for b in s.boxes[:n]])
+            elif self.vqa_references and s.task == "vqa" and s.boxes:
+                answer = evidence_answer(answer, len(s.boxes))
+                slots.append([[b.x1 / 100, b.y1 / 100, b.x2 / 100, b.y2 / 100] for b in s.boxes])
             else:
                 slots.append([])
             answers.append(answer)

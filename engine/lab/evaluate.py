@@ -37,6 +37,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
     from engine.device import resolve_device
     from .metrics import caption_scores, classification_accuracy, grounding_scores, vqa_accuracy
     from engine.backends.rs_lvlm import RsLvlmPipeline
+    from engine.grounding import readable_text
 
     t0 = time.perf_counter()
     pipeline = RsLvlmPipeline.load(model_dir, device=resolve_device(device))
@@ -62,7 +63,9 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
                 answers = pipeline.answer([group[i].image for i in chunk], task, question,
                                           max_new_tokens=max_new_tokens)
                 for i, answer in zip(chunk, answers):
-                    texts[i] = answer.text
+                    # What the analyst reads (a VQA answer's evidence boxes are not its words);
+                    # the other tasks are scored on the raw text as before.
+                    texts[i] = readable_text(answer.text, task) if task == "vqa" else answer.text
                     for level, names in group[i].knowledge_targets.items():
                         if names:
                             ranked = [r["entry"] for r in answer.retrieved if r["level"] == level]

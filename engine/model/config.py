@@ -96,6 +96,13 @@ class RsLvlmConfig:
     num_land_cover: int = 6
     region_grid: int = 4          # centernet: region tokens = pyramid pooled to g x g
     detection_loss_weight: float = 1.0
+    # centernet: one extra object-level token per class carrying how many of its detections
+    # score >= count_min_score (counting and comparison become a look-up, see object_vision)
+    class_count_tokens: bool = False
+    count_min_score: float = 0.3
+    # training writes colour / position answers as "<obj k> red": the answer first points at the
+    # object it is about, then reads the attribute off that token (engine.lab.batches)
+    vqa_references: bool = False
     # id of the first object reference token <obj0> (set from the tokenizer at training)
     object_token_start: int | None = None
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -189,7 +196,8 @@ class RsLvlmConfig:
     def level_token_counts(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """Number of (object, region, scene) tokens for an input of ``height x width`` pixels."""
         if self.vision_backbone == "centernet":
-            return self.num_object_tokens, self.region_grid ** 2, 1 + self.scene_grid ** 2
+            n_obj = self.num_object_tokens + (self.num_object_classes if self.class_count_tokens else 0)
+            return n_obj, self.region_grid ** 2, 1 + self.scene_grid ** 2
         gh = (height or self.image_size) // self.patch_size
         gw = (width or self.image_size) // self.patch_size
         region = math.ceil(gh / self.region_pool) * math.ceil(gw / self.region_pool)

@@ -42,9 +42,9 @@ class RsLvlmDecodeSteps:
         self.retrieved: dict = {}
         # (B, K, 4) boxes, (B, K) scores, (B, K) classes of the object tokens' detections
         self.detections: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # tokens generated so far of one row -> the class its next reference must have (the
-        # pipeline sets it from its tokenizer and the detector's class names)
-        self.reference_class: Callable[[list[int]], int | None] | None = None
+        # (row, tokens generated so far of it) -> the class its next reference must have (the
+        # pipeline sets it from its tokenizer, the question and the detector's class names)
+        self.reference_class: Callable[[int, list[int]], int | None] | None = None
         self._cache = None
         self._decoder: FusedDecoder | None = None
         self._spliced_mask: torch.Tensor | None = None
@@ -76,20 +76,24 @@ class RsLvlmDecodeSteps:
                                          capacity=self._spliced_mask.shape[1] + self.max_new_tokens, int8=self.int8)
             self._decoder.load_cache(self._cache)
             self._cache = None
-        return out.logits[:, -1]
+        return self._constrain(out.logits[:, -1])
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (ended rows feed padding, masked out) -> logits (B, V);
         references to object tokens are constrained (engine.model.references)."""
-        logits = self._step(tokens, alive)
+        return self._constrain(self._step(tokens, alive))
+
+    def _constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        """References in the next token's logits follow the grammar of
+        :func:`constrain_references` (also for the first token: an answer may open with one)."""
         start = self.model.config.object_token_start
         if self.detections is None or start is None:
             return logits
         _, scores, classes = self.detections
         phrase = None
         if self.reference_class is not None:
-            phrase = [self.reference_class(row.tolist()) for row in self._generated]
+            phrase = [self.reference_class(i, row.tolist()) for i, row in enumerate(self._generated)]
         return constrain_references(logits, self._generated, scores, classes, int(start), phrase)
 
     def _step(self, tokens: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:

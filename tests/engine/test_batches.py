@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine.knowledge import KnowledgeBase, SentenceEncoder
-from engine.lab.batches import Collator, SampleStream
+from engine.lab.batches import Collator, SampleStream, evidence_answer
 from engine.lab.train import DEFAULT_INDEX_DIR
 from engine.model.config import RsLvlmConfig
 from engine.model.tokenizer import build_tokenizer
@@ -39,3 +39,25 @@ def test_the_collator_writes_grounding_answers_as_slots_with_their_boxes(samples
         assert n_boxes == (len(s.boxes) if s.task == "ground" else 0)
     assert batch["detection_targets"].heatmap.shape == (len(samples), 8, 16, 16)
     assert np.isclose(float(batch["detection_targets"].heatmap.max()), 1.0)
+
+
+def test_an_attribute_answer_points_at_its_objects_before_the_word():
+    assert evidence_answer("red", 1) == "<obj0> red"
+    assert evidence_answer("grey", 2) == "<obj0><obj1> grey"          # "What colour are the ships?"
+    assert evidence_answer("left", 2) == "<obj0> and <obj1> left"     # two classes: not one list
+
+
+def test_with_vqa_references_colour_answers_are_taught_as_slots_then_the_colour(samples):
+    texts = [s.answer for s in samples] + [s.question for s in samples]
+    tokenizer = build_tokenizer(texts * 3, vocab_size=600)
+    config = RsLvlmConfig(image_size=64, vision_backbone="centernet", vocab_size=len(tokenizer),
+                          vqa_references=True)
+    colour = [s for s in samples if s.qtype == "colour"]
+    assert colour and all(s.boxes for s in colour)
+    batch = Collator(tokenizer, config, KnowledgeBase.load(DEFAULT_INDEX_DIR), SentenceEncoder())(colour)
+    obj0 = tokenizer.convert_tokens_to_ids("<obj0>")
+    for row, s in enumerate(colour):
+        labels = [t for t in batch["labels"][row].tolist() if t != -100]
+        assert labels[0] == obj0                                       # the pointer comes first
+        assert tokenizer.decode(labels[len(s.boxes):], skip_special_tokens=True).strip() == s.answer
+        assert int((batch["slot_boxes"][row, :, 0] >= 0).sum()) == len(s.boxes)

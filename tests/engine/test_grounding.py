@@ -138,3 +138,11 @@ def test_pixels_grid_round_trip_on_grid_values():
     box = GridBox(12, 34, 56, 78, -20)
     px = grid_to_pixels(box, 224, 224)
     assert pixels_to_grid(*px, 224, 224) == box
+
+
+def test_a_vqa_answer_that_shows_its_evidence_first_reads_as_the_word_after_the_boxes():
+    from engine.grounding import readable_text
+
+    assert readable_text("{<40><12><52><20>|0} red", "vqa") == "red"
+    assert readable_text("{<40><12><52><20>|0} and {<60><12><70><20>|0} left", "vqa") == "left"
+    assert readable_text("yes", "vqa") == "yes"

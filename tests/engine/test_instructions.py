@@ -92,6 +92,26 @@ def test_vqa_answers_agree_with_annotations():
     assert seen == set(VQA_QTYPES)
 
 
+def test_colour_and_position_answers_carry_the_boxes_of_the_objects_they_are_about():
+    checked = 0
+    for scene, rng in _scenes(40):
+        boxes = {format_box(object_grid_box(o, scene.size)): o for o in scene.objects}
+        for _ in range(6):
+            s = make_sample(scene, rng, "vqa", qtypes=("colour", "position"))
+            if s.qtype == "colour":
+                about = [boxes[format_box(b)] for b in s.boxes]
+                assert about and {o.colour for o in about} == {s.answer}
+                assert {o.cls for o in about} == {_class_in(s.question)}
+                checked += 1
+            elif s.qtype == "position":
+                relative = "left or right of" in s.question or "above or below" in s.question
+                assert len(s.boxes) == (2 if relative else 1)
+                checked += 1
+            else:
+                assert s.boxes == []
+    assert checked > 100
+
+
 def test_ground_answers_hold_the_objects_boxes_and_round_trip():
     kinds = set()
     for scene, rng in _scenes(20):

@@ -21,6 +21,30 @@ def test_the_object_level_has_one_token_per_detection():
     assert model.config.level_token_counts() == (4, 4, 5)
 
 
+def test_count_tokens_add_one_object_level_token_per_class_after_the_detections():
+    model = small_object_model(class_count_tokens=True).eval()
+    with torch.no_grad():
+        visual = model.encode_images(torch.randn(2, 3, 32, 32))
+    n_classes = model.config.num_object_classes
+    assert int((visual.token_levels == 1).sum()) == 4 + n_classes
+    assert model.config.level_token_counts() == (4 + n_classes, 4, 5)
+
+
+def test_class_counts_count_the_detections_of_each_class_at_the_score_threshold_capped_at_nine():
+    from engine.model.detector import Detections
+    from engine.model.object_vision import class_counts
+
+    k = 12
+    scores = torch.tensor([[0.9, 0.8, 0.35, 0.1] + [0.9] * 8])
+    classes = torch.tensor([[1, 1, 2, 2] + [0] * 8])
+    det = Detections(torch.zeros(1, k, 4), scores, classes, torch.zeros(1, k, dtype=torch.long),
+                     torch.zeros(1, k, 3), torch.zeros(1, k, 6), torch.zeros(1, k, 3))
+    assert class_counts(det, 3, 0.3).tolist() == [[8, 2, 1]]
+    scores[0, 2:4] = 0.9
+    classes[0, :4] = 0
+    assert class_counts(det, 3, 0.3).tolist() == [[9, 0, 0]]
+
+
 def test_with_detection_targets_the_loss_includes_the_detection_loss():
     model = small_object_model()
     ids, mask = prompt_batch(model.config, [6, 6])
@@ -61,3 +85,16 @@ def test_a_checkpoint_round_trip_keeps_the_detector_and_its_normalisation_statis
         a, b = model.encode_images(pixels), loaded.encode_images(pixels)
     assert torch.equal(a.embeds, b.embeds)
     assert small_config().vision_backbone == "vit"            # the ViT path stays the default
+
+
+def test_the_first_generated_token_already_follows_the_reference_grammar():
+    from engine.model.references import MIN_REFERENCE_SCORE
+
+    model = small_object_model().eval()
+    ids, mask = prompt_batch(model.config, [6])
+    steps = RsLvlmDecodeSteps(model, torch.randn(1, 3, 32, 32), ids, mask, max_new_tokens=2)
+    logits = steps.prefill()                       # an answer may open with a reference (VQA evidence)
+    _, scores, _ = steps.detections
+    start = model.config.object_token_start
+    allowed = torch.isfinite(logits[0, start:start + 4])
+    assert allowed.tolist() == (scores[0] >= MIN_REFERENCE_SCORE).tolist()

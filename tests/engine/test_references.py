@@ -64,3 +64,13 @@ def test_the_first_reference_after_a_phrase_has_the_class_the_phrase_names():
     scores, classes = torch.tensor([[0.9, 0.8, 0.7]]), torch.tensor([[1, 0, 1]])
     out = constrain_references(logits, torch.tensor([[7]]), scores, classes, START, phrase_classes=[0])
     assert torch.isfinite(out[0, START:]).tolist() == [False, True, False]
+
+
+def test_a_vqa_question_naming_one_class_fixes_the_class_of_its_evidence_reference():
+    from engine.model.references import sole_named_class
+
+    names = ("airplane", "ship", "storage tank")
+    assert sole_named_class("What colour is the largest ship?", names) == 1
+    assert sole_named_class("What colour are the storage tanks?", names) == 2
+    assert sole_named_class("Is the ship left or right of the airplane?", names) is None
+    assert sole_named_class("What type of scene is this?", names) is None
