@@ -5,6 +5,9 @@
 * ``model_type == "llava"`` with safetensors weights: a transformers
   ``LlavaForConditionalGeneration`` (GeoChat / LLaVA-1.5 family,
   :class:`engine.backends.llava.LlavaPipeline`).
+* A LoRA adapter folder (config.json with ``rs_lvlm_adapter``, written by ``engine.lab.finetune``
+  with ``"save": "adapter"``): its LLaVA base with the adapter merged in
+  (:mod:`engine.backends.lora_adapter`); a missing base is ``no_model``.
 * An original LLaVA / GeoChat folder (config with ``mm_vision_tower``) or a folder whose weights
   are only pickles (``.bin`` ...) is refused with the ``python -m engine convert`` command that
   turns it into a safetensors LLaVA folder: the engine itself never unpickles anything.
@@ -76,6 +79,14 @@ def backend_for(model_dir: Path | str) -> str:
     """``"llava"`` or ``"rs_lvlm"``; raises the convert hint for folders the engine must not load."""
     model_dir = Path(model_dir)
     config = read_config(model_dir)
+    if "rs_lvlm_adapter" in config:
+        from .lora_adapter import adapter_manifest, resolve_base
+
+        base = resolve_base(model_dir, adapter_manifest(config))
+        if "rs_lvlm_adapter" in read_config(base) or backend_for(base) != "llava":
+            raise EngineError(BAD_CHECKPOINT, f"{model_dir} is a LoRA adapter whose base {base} is not a LLaVA "
+                                              f"model folder: adapters apply to LLaVA folders only")
+        return "llava"
     has_safetensors = any(model_dir.glob("*.safetensors"))
     pickles = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
     if is_original_llava(config):
@@ -108,6 +119,9 @@ def load_pipeline(model_dir: Path | str, device: str = "cpu", backend: str = "au
     model_dir = Path(model_dir)
     family = backend_for(model_dir)
     engine, warning = choose_backend(backend, family, device)
+    if engine == "vllm" and "rs_lvlm_adapter" in read_config(model_dir):
+        engine, warning = "transformers", ("vLLM not used, answering with transformers: the model is a LoRA "
+                                           "adapter folder, merged into its base when loaded")
     if engine == "vllm":
         from .vllm_engine import VllmPipeline
 

@@ -212,12 +212,26 @@ class LlavaPipeline:
         Precision and quantization come from the arguments, else ``RS_LVLM_DTYPE`` /
         ``RS_LVLM_QUANTIZE``, else ``precision`` / ``quantization`` in the ``rs_lvlm`` section of
         config.json, else fp32 on CPU / bf16 on CUDA without quantization.
+
+        A LoRA adapter folder (:mod:`engine.backends.lora_adapter`) loads its base, merges the
+        adapter into it and takes the adapter's projector and name.
         """
         from transformers import LlavaConfig, LlavaForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
         model_dir = Path(model_dir)
         raw = cls._read_json(model_dir / "config.json")
+        adapter_dir, manifest = None, None
+        if "rs_lvlm_adapter" in raw:
+            from .lora_adapter import adapter_manifest, resolve_base
+
+            manifest = adapter_manifest(raw)
+            adapter_dir, model_dir = model_dir, resolve_base(model_dir, manifest)
+            if quantization or os.environ.get("RS_LVLM_QUANTIZE"):
+                raise EngineError(BAD_REQUEST, f"{adapter_dir} is a LoRA adapter, merged into its base's weights "
+                                               f"when loaded: 8bit/4bit quantization cannot take the merge; load it "
+                                               f"in bfloat16, or fine-tune with save 'merged' and quantize that")
+            raw = cls._read_json(model_dir / "config.json")
         if raw.get("model_type") != "llava":
             raise EngineError(BAD_CHECKPOINT, f"{model_dir / 'config.json'} is not a LLaVA config (model_type "
                                               f"{raw.get('model_type')!r})")
@@ -277,13 +291,28 @@ class LlavaPipeline:
             raise EngineError(BAD_CHECKPOINT, f"{model_dir} does not match its config ({detail})")
         if "device_map" not in kwargs:
             model.to(device)            # CUDA without accelerate: loaded in CPU memory first, then moved
+        if adapter_dir is not None:
+            from .lora_adapter import apply_adapter
+
+            model = apply_adapter(model, adapter_dir)
         if int8:
             from .int8_cpu import quantize_language_model_int8
 
             model = quantize_language_model_int8(model)
             torch_dtype = torch.float32  # what the activations (and pixel values) are in
         model.eval()
-        return cls(model, tokenizer, config, device, model_dir, torch_dtype, quant, memory, int8=int8)
+        pipeline = cls(model, tokenizer, config, device, model_dir, torch_dtype, quant, memory, int8=int8)
+        if adapter_dir is not None:
+            from .lora_adapter import check_base_unchanged
+
+            adapter_options = cls._read_json(adapter_dir / "config.json").get("rs_lvlm") or {}
+            pipeline.name = adapter_options.get("name") or adapter_dir.name
+            pipeline.options.update(adapter_options, adapter={"path": str(adapter_dir), "base": str(model_dir)})
+            pipeline.model_dir = adapter_dir
+            warning = check_base_unchanged(adapter_dir, manifest, model_dir)
+            if warning:
+                log.warning("%s", warning)
+        return pipeline
 
     # -- description -------------------------------------------------------------------------
     @property
@@ -308,7 +337,8 @@ class LlavaPipeline:
                 "quantization": self.quantization, "fused_decode": self.fused_decode,
                 "conversation": "vicuna_v1", "use_sam": False, "use_experts": False, "knowledge_entries": 0,
                 "retrieval": "none: this backend has no knowledge base, 'retrieved' is always []",
-                "converted_from": self.options.get("converted_from"), "memory": self.memory}
+                "converted_from": self.options.get("converted_from"), "adapter": self.options.get("adapter"),
+                "memory": self.memory}
 
     # -- prompt ------------------------------------------------------------------------------
     def prompt_ids(self, instruction: str, history: Sequence[dict] | None = None) -> list[int]:

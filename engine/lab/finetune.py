@@ -12,7 +12,12 @@ Config (JSON): ``base`` (LLaVA folder), ``data`` (``FORMAT:PATH`` strings or ``{
 "weight", "split"}``), ``out``; optional ``steps``, ``batch_size``, ``lr``, ``warmup_steps``,
 ``seed``, ``device``, ``precision``, ``gradient_checkpointing``, ``log_every``, ``save_every``,
 ``lora`` (``r``, ``alpha``, ``dropout``, ``target_modules``), ``vision`` (``frozen`` | ``lora``),
-``train_projector``.  Resumable: ``out/checkpoint/`` holds the adapter and projector weights
+``train_projector``, ``save`` (``merged`` | ``adapter`` | ``both``: ``out/final/`` with the LoRA
+merged, and / or ``out/adapter/``, the peft adapter + projector that the engine applies to the
+base when it loads the folder, :mod:`engine.backends.lora_adapter`), ``seed_components``
+(``true`` or RS-LVLM config overrides: the seed's SAM, level projectors and semantic experts are
+built around the LLaVA base and trained with the LoRA LM, :mod:`engine.lab.seed_components`).
+``python -m engine train --config CFG`` runs this module when CFG names a ``base``.  Resumable: ``out/checkpoint/`` holds the adapter and projector weights
 (safetensors) and the step; a rerun continues from there at the next sample of the mix (AdamW's
 moments restart: no pickled optimizer state is written).  The loss log is ``out/loss_log.jsonl``.
 """
@@ -31,16 +36,17 @@ import torch
 
 log = logging.getLogger("engine.lab.finetune")
 
-__all__ = ["DEFAULTS", "load_config", "encode_sample", "collate", "lora_parameters", "finetune", "memory_estimate",
-           "main"]
+__all__ = ["DEFAULTS", "load_config", "encode_sample", "collate", "lora_parameters", "finetune", "train_loop",
+           "memory_estimate", "main"]
 
 DEFAULTS: dict[str, Any] = {
     "steps": 200, "batch_size": 4, "lr": 2e-4, "warmup_steps": 10, "seed": 0, "device": "auto",
     "precision": "auto", "gradient_checkpointing": False, "log_every": 10, "save_every": 100,
     "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-    "vision": "frozen", "train_projector": True,
+    "vision": "frozen", "train_projector": True, "save": "merged", "seed_components": False,
 }
+SAVE_CHOICES = ("merged", "adapter", "both")
 
 
 def load_config(path: str | Path | dict) -> dict:
@@ -53,6 +59,16 @@ def load_config(path: str | Path | dict) -> dict:
     out["lora"] = {**DEFAULTS["lora"], **cfg.get("lora", {})}
     if out["vision"] not in ("frozen", "lora"):
         raise ValueError(f"vision must be 'frozen' or 'lora', got {out['vision']!r}")
+    if out["save"] not in SAVE_CHOICES:
+        raise ValueError(f"save must be one of {', '.join(SAVE_CHOICES)}, got {out['save']!r}")
+    if not isinstance(out["seed_components"], (bool, dict)):
+        raise ValueError("seed_components must be true, false or an object of RS-LVLM config overrides")
+    if out["seed_components"] is not False:
+        clash = [f"{k} {out[k]!r}" for k, ok in (("save", "merged"), ("vision", "frozen")) if out[k] != ok]
+        clash += ["gradient_checkpointing"] if out["gradient_checkpointing"] else []
+        if clash:
+            raise ValueError("seed_components trains into a full RS-LVLM checkpoint (save 'merged', vision "
+                             f"'frozen', no gradient checkpointing); this config has {', '.join(clash)}")
     return out
 
 
@@ -91,9 +107,9 @@ def _target_regex(names: Sequence[str], vision: str) -> str:
 
 
 def lora_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What a checkpoint keeps: the LoRA matrices and the (fully trained) projector."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.named_parameters()
-            if v.requires_grad and ("lora_" in k or "multi_modal_projector" in k)}
+    """What a checkpoint keeps: every trained tensor (the LoRA matrices, the projector, and with
+    ``seed_components`` the SAM, level projectors and experts); the frozen base is not repeated."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.named_parameters() if v.requires_grad}
 
 
 def _lr(step: int, cfg: dict) -> float:
@@ -128,14 +144,17 @@ def _resume(model: torch.nn.Module, folder: Path) -> int:
 
 def finetune(config: str | Path | dict, progress: bool = True) -> dict:
     """Run the config; returns a summary (steps, first and last losses, output folder)."""
+    cfg = load_config(config)
+    if cfg["seed_components"] is not False:
+        from engine.lab.seed_components import finetune_seed_components
+
+        return finetune_seed_components(cfg, progress)
     from peft import LoraConfig, get_peft_model
-    from tqdm import tqdm
 
     from engine.backends.llava import LlavaPipeline
     from engine.data.mixed_stream import MixedStream, parse_sources
     from engine.device import resolve_device
 
-    cfg = load_config(config)
     out = Path(cfg["out"])
     device = resolve_device(cfg["device"])
     torch.manual_seed(int(cfg["seed"]))
@@ -151,8 +170,29 @@ def finetune(config: str | Path | dict, progress: bool = True) -> dict:
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    start = _resume(model, out / "checkpoint")
     stream = MixedStream(parse_sources(cfg["data"]), int(cfg["seed"]), pipeline.image_size, family="llava")
+
+    def batch_of(samples: list) -> dict[str, torch.Tensor]:
+        return {k: v.to(pipeline.model.device) for k, v in collate(pipeline, samples).items()}
+
+    summary = train_loop(model, cfg, stream, batch_of, progress)
+    saved = {}
+    if cfg["save"] in ("adapter", "both"):
+        saved["adapter"] = str(_save_adapter(model, pipeline, cfg, out / "adapter"))
+    if cfg["save"] in ("merged", "both"):
+        saved["merged"] = str(_save_merged(model, pipeline, cfg, out / "final"))
+    return {**summary, "model": saved.get("merged", saved.get("adapter")), "saved": saved}
+
+
+def train_loop(model: torch.nn.Module, cfg: dict, stream: Any, batch_of: Any, progress: bool = True) -> dict:
+    """AdamW over the model's trainable tensors for ``cfg["steps"]`` steps of ``batch_size``
+    samples from ``stream`` (``batch_of(samples)`` -> the model's keyword arguments, its output
+    has ``.loss``), resuming from and saving to ``out/checkpoint/``, logging to
+    ``out/loss_log.jsonl``.  Returns the steps, where it started and the first and last losses."""
+    from tqdm import tqdm
+
+    out = Path(cfg["out"])
+    start = _resume(model, out / "checkpoint")
     samples = stream.samples(start=start * int(cfg["batch_size"]))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=0.0)
@@ -162,8 +202,7 @@ def finetune(config: str | Path | dict, progress: bool = True) -> dict:
     bar = tqdm(total=cfg["steps"], initial=start, desc="finetune", file=sys.stderr, disable=not progress)
     with open(out / "loss_log.jsonl", "a", encoding="utf-8") as logf:
         for step in range(start, int(cfg["steps"])):
-            batch = collate(pipeline, [next(samples) for _ in range(int(cfg["batch_size"]))])
-            batch = {k: v.to(pipeline.model.device) for k, v in batch.items()}
+            batch = batch_of([next(samples) for _ in range(int(cfg["batch_size"]))])
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, cfg)
             loss = model(**batch).loss
@@ -180,10 +219,19 @@ def finetune(config: str | Path | dict, progress: bool = True) -> dict:
             bar.update(1)
     bar.close()
     _save_checkpoint(model, out / "checkpoint", int(cfg["steps"]))
-    final = _save_merged(model, pipeline, cfg, out / "final")
+    model.eval()
     return {"steps": int(cfg["steps"]), "started_at": start, "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None, "model": str(final), "trainable_parameters":
-            sum(p.numel() for p in trainable)}
+            "last_loss": losses[-1] if losses else None, "trainable_parameters": sum(p.numel() for p in trainable)}
+
+
+def _save_adapter(model: Any, pipeline: Any, cfg: dict, folder: Path) -> Path:
+    """The LoRA as a peft adapter folder plus the projector and a config.json naming the base:
+    what :mod:`engine.backends.lora_adapter` applies to the base when the engine loads it."""
+    from engine.backends.lora_adapter import write_adapter
+
+    projector = {k: v.detach().cpu().contiguous() for k, v in
+                 model.get_base_model().model.multi_modal_projector.state_dict().items()}
+    return write_adapter(model, projector, cfg["base"], f"{pipeline.name}-finetuned", folder)
 
 
 def _save_merged(model: Any, pipeline: Any, cfg: dict, folder: Path) -> Path:
@@ -253,12 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.lab.finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, type=Path)
     parser.add_argument("--estimate", action="store_true", help="print the memory estimate and stop")
+    parser.add_argument("--out", type=Path, help="run folder (overrides the config's out)")
     args = parser.parse_args(argv)
+    raw = json.loads(args.config.read_text(encoding="utf-8"))
+    if args.out is not None:
+        raw["out"] = str(args.out)
+    cfg = load_config(raw)
     if args.estimate:
-        cfg = load_config(args.config)
         print(json.dumps(memory_estimate(json.loads((Path(cfg["base"]) / "config.json").read_text()), cfg)))
         return 0
-    print(json.dumps(finetune(args.config)))
+    print(json.dumps(finetune(cfg)))
     return 0
 
 

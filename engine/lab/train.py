@@ -341,9 +341,32 @@ def _finish(model, optimizer, tokenizer, config: TrainConfig, device: str, run_d
     return summary
 
 
+def names_a_base(config_path: Path | None) -> bool:
+    """Whether a training config is a fine-tuning config: it names a ``base`` model folder."""
+    if config_path is None or not Path(config_path).is_file():
+        return False
+    try:
+        data = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except ValueError:
+        return False
+    return isinstance(data, dict) and "base" in data
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``--config CFG``: a config with ``base: DIR`` (a LLaVA folder) and ``data: [FORMAT:PATH ...]``
+    runs the LoRA fine-tuning of :mod:`engine.lab.finetune` (its flags: ``--estimate``, ``--out``);
+    any other config trains the embedded model."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    if names_a_base(known.config):
+        from .finetune import main as finetune_main
+
+        return finetune_main(argv)
     parser = argparse.ArgumentParser(prog="python -m engine train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, help="JSON training config (see TrainConfig); default: tiny")
+    parser.add_argument("--config", type=Path, help="JSON training config (see TrainConfig; with 'base': the LoRA "
+                                                    "fine-tuning of engine.lab.finetune); default: tiny")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     parser.add_argument("--run-dir", type=Path, help="resumable state and logs (default: runs/<out name>)")
     parser.add_argument("--no-resume", action="store_true")
