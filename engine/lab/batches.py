@@ -21,7 +21,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["SampleStream", "SceneStream", "Collator", "reference_answer", "evidence_answer", "DEFAULT_TASK_MIX"]
+__all__ = ["SampleStream", "SceneStream", "Collator", "reference_answer", "evidence_answer", "follow_up_turn",
+           "DEFAULT_TASK_MIX"]
 
 DEFAULT_TASK_MIX: dict[str, int] = {"caption": 1, "vqa": 1, "ground": 1, "classify": 1}
 _BOX_TEXT = re.compile(r"\{[^{}]*\}")
@@ -33,13 +34,19 @@ class SampleStream(torch.utils.data.IterableDataset):
     Scenes are rendered in a DataLoader worker while the main process trains, so data costs no
     training time on two cores; a fresh scene for every few samples keeps a tiny model from
     memorising.  ``task_mix`` says how many samples of each task a scene gives; the first VQA
-    sample of a scene draws its type from ``vqa_qtypes`` first, the others from all types."""
+    sample of a scene draws its type from ``vqa_qtypes`` first, the others from all types.  Every
+    ``follow_up_every``-th scene (0: never) asks its last VQA question as a follow-up, the
+    scene's previous question and its readable answer written before it as an earlier turn, as
+    the dock sends a follow-up: the model learns to answer the question asked now whatever came
+    before (without such turns in training a follow-up was answered "1blue")."""
 
     def __init__(self, data_seed: int, n_scenes: int, image_size: int, start_scene: int = 0,
-                 task_mix: dict[str, int] | None = None, vqa_qtypes: tuple[str, ...] | None = None) -> None:
+                 task_mix: dict[str, int] | None = None, vqa_qtypes: tuple[str, ...] | None = None,
+                 follow_up_every: int = 0) -> None:
         self.data_seed, self.n_scenes, self.image_size, self.start_scene = data_seed, n_scenes, image_size, start_scene
         self.task_mix = dict(task_mix or DEFAULT_TASK_MIX)
         self.vqa_qtypes = tuple(vqa_qtypes) if vqa_qtypes else None
+        self.follow_up_every = follow_up_every
 
     def __iter__(self) -> Iterator:
         from engine.data.instructions import VQA_QTYPES, SyntheticInstructionDataset, downsample, make_sample
@@ -50,10 +57,16 @@ class SampleStream(torch.utils.data.IterableDataset):
         while True:
             scene, rng = dataset.scene(i % self.n_scenes)
             small = downsample(scene.image, self.image_size)
+            earlier: list = []
             for task, n in self.task_mix.items():
                 for j in range(n):
                     # the first VQA sample of a scene draws the oversampled types, the others any
-                    yield make_sample(scene, rng, task, small, qtypes=qtypes if j == 0 else VQA_QTYPES)
+                    sample = make_sample(scene, rng, task, small, qtypes=qtypes if j == 0 else VQA_QTYPES)
+                    if self.follow_up_every and task == "vqa" and j == n - 1 and earlier \
+                            and i % self.follow_up_every == 0:
+                        sample.meta["history"] = [follow_up_turn(earlier[-1])]
+                    earlier.append(sample)
+                    yield sample
             i += 1
 
 
@@ -74,6 +87,13 @@ def reference_answer(answer: str) -> tuple[str, int]:
         return f"<obj{count[0] - 1}>"
 
     return _BOX_TEXT.sub(repl, answer), count[0]
+
+
+def follow_up_turn(sample) -> dict:
+    """An earlier turn as the dock sends it: the question and the answer the analyst read."""
+    from engine.grounding import readable_text
+
+    return {"question": sample.question, "answer": readable_text(sample.answer, sample.task)}
 
 
 def evidence_answer(answer: str, n_objects: int) -> str:
@@ -155,7 +175,8 @@ class Collator:
             else:
                 slots.append([])
             answers.append(answer)
-        encoded = [encode_example(self.tokenizer, s.task, s.question, a) for s, a in zip(samples, answers)]
+        encoded = [encode_example(self.tokenizer, s.task, s.question, a, s.meta.get("history"))
+                   for s, a in zip(samples, answers)]
         length = max(len(ids) for ids, _ in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(samples), length), pad, dtype=torch.long)

@@ -59,6 +59,7 @@ class TrainConfig:
     # samples per scene and task (overrides the one-of-each default; extra_ground adds to "ground")
     task_mix: dict = field(default_factory=dict)
     vqa_qtypes: list = field(default_factory=list)   # VQA types drawn first (oversampling)
+    follow_up_every: int = 0    # every n-th scene asks its last VQA question as a follow-up turn
     # object-centric model: train the detector alone (dense boxes, no language) for this long
     # first, on batches of detector_batch_size scenes; its detections then feed the object tokens.
     detector_warmup_min: float = 0.0
@@ -242,7 +243,8 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
                 model.vision.detector.eval().requires_grad_(False)
                 collate.with_detection_targets = False
             stream, batch_size = SampleStream(config.data_seed, config.n_scenes, image_size, scenes_seen,
-                                              task_mix(config), tuple(config.vqa_qtypes)), config.batch_size
+                                              task_mix(config), tuple(config.vqa_qtypes),
+                                              config.follow_up_every), config.batch_size
         # Batches are collated in the worker (question embeddings, detection targets), beside training.
         loader = torch.utils.data.DataLoader(stream, batch_size=batch_size,
                                              collate_fn=collate.detector_batch if phase == "detector" else collate,

@@ -55,9 +55,11 @@ def encode_prompt(tokenizer, task: str, question: str | None = None, history: Se
     return [tokenizer.bos_token_id] + tokenizer.encode(build_prompt(task, question, history), add_special_tokens=False)
 
 
-def encode_example(tokenizer, task: str, question: str | None, answer: str) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one training example; labels are -100 on ``<s>`` and the prompt."""
-    prompt = encode_prompt(tokenizer, task, question)
+def encode_example(tokenizer, task: str, question: str | None, answer: str,
+                   history: Sequence[dict] | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one training example; labels are -100 on ``<s>`` and the prompt
+    (earlier turns of ``history`` included: only the last answer is learnt)."""
+    prompt = encode_prompt(tokenizer, task, question, history)
     target = tokenizer.encode(answer.strip(), add_special_tokens=False) + [tokenizer.eos_token_id]
     return prompt + target, [IGNORE_INDEX] * len(prompt) + target
 

@@ -61,3 +61,29 @@ def test_with_vqa_references_colour_answers_are_taught_as_slots_then_the_colour(
         assert labels[0] == obj0                                       # the pointer comes first
         assert tokenizer.decode(labels[len(s.boxes):], skip_special_tokens=True).strip() == s.answer
         assert int((batch["slot_boxes"][row, :, 0] >= 0).sum()) == len(s.boxes)
+
+
+def test_every_nth_scene_asks_its_last_vqa_question_as_a_follow_up_of_the_one_before():
+    stream = SampleStream(3, 100, 64, task_mix=MIX, follow_up_every=2)
+    scenes = list(itertools.islice(iter(stream), 28))                 # four scenes of seven samples
+    for i in range(4):
+        scene = scenes[7 * i:7 * i + 7]
+        vqa = [s for s in scene if s.task == "vqa"]
+        history = vqa[-1].meta.get("history")
+        if i % 2:
+            assert history is None
+        else:
+            assert history == [{"question": vqa[-2].question, "answer": vqa[-2].answer}]
+        assert all("history" not in s.meta for s in scene if s is not vqa[-1])
+
+
+def test_a_follow_up_is_taught_with_the_earlier_turn_in_its_prompt_and_only_its_own_answer_learnt(samples):
+    from engine.model.prompts import encode_example
+
+    texts = [s.answer for s in samples] + [s.question for s in samples]
+    tokenizer = build_tokenizer(texts * 3, vocab_size=600)
+    turn = [{"question": "How many ships are there?", "answer": "2"}]
+    plain_ids, plain_labels = encode_example(tokenizer, "vqa", "What colour is the ship?", "red")
+    ids, labels = encode_example(tokenizer, "vqa", "What colour is the ship?", "red", turn)
+    assert len(ids) > len(plain_ids)
+    assert [t for t in labels if t != -100] == [t for t in plain_labels if t != -100]
