@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from engine.grounding import readable_text
 from engine.tasks import DEFAULT_QUESTIONS, TASK_TOKENS, default_question, split_task_token
 
 __all__ = [
@@ -40,7 +41,9 @@ def build_prompt(task: str, question: str | None = None, history: Sequence[dict]
     turns = ""
     for turn in history or ():
         _, earlier = split_task_token(str(turn.get("question", "")))
-        answer = " ".join(str(turn.get("answer", "")).split())
+        # as the analyst read it ("2 airplanes", "red"): the dock sends the raw text, boxes
+        # included, and training writes earlier turns the same readable way
+        answer = " ".join(readable_text(str(turn.get("answer", "")), "ground").split())
         turns += f"{TASK_TOKENS['vqa']} {_no_image_token(earlier)}\n{_no_image_token(answer)}\n"
     return f"<image>\n{turns}{TASK_TOKENS[task]} {question}\n"
 

@@ -87,3 +87,13 @@ def test_a_follow_up_is_taught_with_the_earlier_turn_in_its_prompt_and_only_its_
     ids, labels = encode_example(tokenizer, "vqa", "What colour is the ship?", "red", turn)
     assert len(ids) > len(plain_ids)
     assert [t for t in labels if t != -100] == [t for t in plain_labels if t != -100]
+
+
+def test_an_earlier_answer_with_boxes_enters_the_prompt_as_the_analyst_read_it():
+    from engine.model.prompts import build_prompt
+
+    raw = {"question": "airplanes", "answer": "airplane {<10><10><20><20>|0}{<30><30><40><40>|0}"}
+    read = {"question": "airplanes", "answer": "2 airplanes"}
+    assert build_prompt("vqa", "What colour is the airplane?", [raw]) == \
+        build_prompt("vqa", "What colour is the airplane?", [read])
+    assert "2 airplanes" in build_prompt("vqa", "What colour is the airplane?", [raw])
