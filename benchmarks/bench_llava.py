@@ -9,6 +9,9 @@ folder shard by shard on the meta device, then measures loading RSS, the time to
 token with one 336 px image, and decode tokens/s, in a fresh subprocess per precision so that
 one measurement's memory cannot leak into the next.
 
+The small model is also measured with ``--precision int8`` (weight-only int8 language model),
+its decode on the fused step (``int8_cpu.Int8FusedDecoder``) and module by module.
+
 Writes ``benchmarks/results/llava_cpu.json`` and prints a table.  Ratios are measured side by
 side in one run; the machine and thread count are recorded with them.
 """
@@ -111,7 +114,8 @@ def bench_small(folder: Path, new_tokens: int = 24, repeats: int = 3) -> dict:
     from engine.model.image_processing import preprocess_images
 
     pipeline = load_pipeline(folder, "cpu")
-    pipeline.eos_ids = set()                           # exactly new_tokens tokens on both sides
+    int8 = load_pipeline(folder, "cpu", dtype="int8")  # weight-only int8 LM, fused step on its int8 modules
+    pipeline.eos_ids = int8.eos_ids = set()            # exactly new_tokens tokens on both sides
     ids = pipeline.prompt_ids(build_instruction("vqa", "How many ships are in the harbour?")[0])
     out: dict = {"prompt_tokens": len(ids), "new_tokens": new_tokens}
     for batch in (1, 8):
@@ -124,20 +128,24 @@ def bench_small(folder: Path, new_tokens: int = 24, repeats: int = 3) -> dict:
             pipeline.model.generate(input_ids=input_ids, pixel_values=pixels, max_new_tokens=n, min_new_tokens=n,
                                     do_sample=False, suppress_tokens=banned)
 
-        def ours(n: int, fused: bool = True) -> None:
-            pipeline.fused_decode = fused
-            pipeline.answer(images, "vqa", "How many ships are in the harbour?", max_new_tokens=n)
+        def ours(n: int, fused: bool = True, p=pipeline) -> None:
+            p.fused_decode = fused
+            p.answer(images, "vqa", "How many ships are in the harbour?", max_new_tokens=n)
 
         rows = {"transformers": (lambda n: hf(n)), "ours": (lambda n: ours(n)),
-                "ours_unfused": (lambda n: ours(n, fused=False))}
+                "ours_unfused": (lambda n: ours(n, fused=False)),
+                "ours_int8": (lambda n: ours(n, p=int8)),
+                "ours_int8_unfused": (lambda n: ours(n, fused=False, p=int8))}
         for name, fn in rows.items():
             prefill = _time(lambda: fn(1), repeats)
             total = _time(lambda: fn(new_tokens), repeats)
             out[f"b{batch}_{name}_prefill_ms"] = round(prefill * 1000, 1)
             out[f"b{batch}_{name}_decode_ms_per_token"] = round((total - prefill) / (new_tokens - 1) * 1000, 2)
-        pipeline.fused_decode = True
-        out[f"b{batch}_decode_speedup_vs_transformers"] = round(
-            out[f"b{batch}_transformers_decode_ms_per_token"] / out[f"b{batch}_ours_decode_ms_per_token"], 2)
+        pipeline.fused_decode = int8.fused_decode = True
+        for name in ("ours", "ours_int8"):
+            suffix = "" if name == "ours" else "_int8"
+            out[f"b{batch}_decode_speedup{suffix}_vs_transformers"] = round(
+                out[f"b{batch}_transformers_decode_ms_per_token"] / out[f"b{batch}_{name}_decode_ms_per_token"], 2)
     return out
 
 
@@ -208,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{f'batch {b}: decode (ms/token)':<52}{s[f'b{b}_ours_decode_ms_per_token']:>10}"
               f"{s[f'b{b}_transformers_decode_ms_per_token']:>14}")
         print(f"{f'batch {b}: decode speed-up (x)':<52}{s[f'b{b}_decode_speedup_vs_transformers']:>10}")
+        print(f"{f'batch {b}: int8 decode fused / module-by-module (ms/token)':<52}"
+              f"{s[f'b{b}_ours_int8_decode_ms_per_token']:>10}{s[f'b{b}_ours_int8_unfused_decode_ms_per_token']:>14}")
     for row in results.get("random_7b", []):
         print(json.dumps(row))
     print(f"wrote {args.out}")

@@ -6,6 +6,13 @@ per-channel int8 matrices run by PyTorch's dynamically quantised kernel), the pe
 the bfloat16 size and the result is about a quarter of float32.  Norms, embeddings and the
 vision tower stay in float32: they are a small part of the bytes and the int8 kernel takes
 float32 activations.
+
+The decode step (:class:`Int8FusedDecoder`) is the fused static-cache step of
+:mod:`engine.model.fast_decode` run on these same int8 modules: it holds references to the
+model's quantised linear layers (no second copy of the weights, none in float32) and takes from
+the fused step its preallocated KV cache written in place, its RoPE table and its single
+attention call per layer.  The prefill is transformers' forward on the same modules, so the two
+compute the same function.
 """
 from __future__ import annotations
 
@@ -15,13 +22,19 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["quantize_language_model_int8", "int8_linear_count"]
+from engine.model.fast_decode import FusedDecoder
+
+__all__ = ["quantize_language_model_int8", "int8_linear_count", "Int8FusedDecoder"]
 
 
 def _quantize_module(module: nn.Module) -> nn.Module:
+    """``module``'s linear layers as int8 matrices with one scale per output channel, in place."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
     with warnings.catch_warnings():       # torch points eager quantisation users to torchao
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(module.float(), {nn.Linear}, dtype=torch.qint8, inplace=True)
+        return torch.ao.quantization.quantize_dynamic(module.float(), {nn.Linear: per_channel_dynamic_qconfig},
+                                                      dtype=torch.qint8, inplace=True)
 
 
 def quantize_language_model_int8(model: nn.Module) -> nn.Module:
@@ -50,3 +63,62 @@ def int8_linear_count(module: nn.Module) -> int:
     """How many linear layers run as int8 (for ``info`` and the tests)."""
     dynamic = torch.ao.nn.quantized.dynamic.Linear
     return sum(isinstance(m, dynamic) for m in module.modules())
+
+
+class _Int8Layer:
+    """One quantised Llama decoder layer seen as the fused step sees a layer (no weight copied).
+
+    q/k/v (and gate/up) stay three (two) int8 products on the same input: fusing them would
+    need a second packed copy of the weights, which the prefill's separate modules still use.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        dynamic = torch.ao.nn.quantized.dynamic.Linear
+        modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if not all(isinstance(m, dynamic) for m in modules):
+            raise ValueError("the int8 decode step needs a language model quantised by quantize_language_model_int8")
+        self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        self._q, self._k, self._v, self.o, self._gate, self._up, self.down = modules
+        self._act = mlp.act_fn
+        self.q_size, self.kv_size = attn.q_proj.out_features, attn.k_proj.out_features
+        self.head_dim = int(attn.head_dim)
+        self.scaling = attn.scaling
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H) -> (B, Q + 2K)."""
+        return torch.cat([self._q(x), self._k(x), self._v(x)], dim=-1)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H) -> (B, H): the SwiGLU MLP on int8 matrices."""
+        return self.down(self._act(self._gate(x)) * self._up(x))
+
+    def matrices(self) -> tuple[nn.Module, ...]:
+        return self._q, self._k, self._v, self.o, self._gate, self._up, self.down
+
+
+class Int8FusedDecoder(FusedDecoder):
+    """:class:`FusedDecoder`'s step over an int8 LLaVA language model (``--precision int8``).
+
+    Only the weights differ from the float step: each layer's products are the model's own
+    quantised modules (:class:`_Int8Layer`) and the head is ``lm_head`` as the model holds it
+    (int8, or float32 when tied to the embedding).  Building one is cheap (no weight is copied),
+    so one is made per request.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, capacity: int) -> None:   # noqa: super().__init__ not called
+        lm = model.model.language_model
+        self.layers = [_Int8Layer(layer) for layer in lm.layers]
+        self.head = model.lm_head
+        self.embed = lm.embed_tokens.weight
+        if self.embed.dtype != torch.float32 or self.embed.device.type != "cpu":
+            raise ValueError("the int8 decode step runs on the CPU with float32 activations")
+        self.final_norm = lm.norm
+        first = self.layers[0]
+        self.head_dim = first.head_dim
+        self.heads, self.kv_heads = first.q_size // first.head_dim, first.kv_size // first.head_dim
+        cos, sin = lm.rotary_emb(self.embed, torch.arange(capacity)[None])                     # (1, P, hd)
+        self.cos, self.sin = cos[0], sin[0]
+        shape = (len(self.layers), batch, self.kv_heads, capacity, self.head_dim)
+        self.keys, self.values = torch.zeros(shape), torch.zeros(shape)
+        self.length, self.capacity = 0, capacity

@@ -179,9 +179,10 @@ class LlavaPipeline:
                    if t is not None and t != tokenizer.eos_token_id}
         self._banned = torch.tensor(sorted(i for i in banned if 0 <= i < vocab_rows), dtype=torch.long)
         self.eos_ids = self._eos_ids()
-        self.fused_decode = quantization is None and not self.int8
+        self.fused_decode = quantization is None
         """Decode steps on fused weights and a static KV cache (engine.model.fast_decode); the
-        prefill stays transformers'. Off for bitsandbytes and int8 models (their matrices are packed)."""
+        prefill stays transformers'. int8 models run the same step on their own int8 modules
+        (int8_cpu.Int8FusedDecoder); off for bitsandbytes models (their matrices are packed)."""
         self.logits_processors: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = []
         """Extra ``(input_ids, scores) -> scores`` hooks (transformers LogitsProcessor compatible),
         applied after the model's distribution is recorded: for constrained decoding and tests."""
@@ -356,6 +357,10 @@ class LlavaPipeline:
     def _fused_decoder(self, batch: int, capacity: int):
         from engine.model.fast_decode import FusedDecoder
 
+        if self.int8:
+            from .int8_cpu import Int8FusedDecoder
+
+            return Int8FusedDecoder(self.model, batch, capacity)
         inner = self.model.model
         return FusedDecoder(self.model, batch, capacity, language_model=inner.language_model, lm_head=self.model.lm_head)
 

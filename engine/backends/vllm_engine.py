@@ -31,7 +31,7 @@ from .base import Answer, StopCheck, TokenCallback
 
 log = logging.getLogger("engine.backends.vllm")
 
-__all__ = ["BACKENDS", "choose_backend", "build_requests", "VllmPipeline"]
+__all__ = ["BACKENDS", "choose_backend", "build_requests", "vllm_answer", "VllmPipeline"]
 
 _request_ids = itertools.count()
 
@@ -156,14 +156,18 @@ class VllmPipeline:
                     reason = completion.finish_reason
                     reasons[output.request_id] = {"stop": "eos", "length": "max_tokens"}.get(reason, reason or "eos")
         t_gen = time.perf_counter()
-        answers = []
-        for rid in ids:
-            text = texts[rid].strip()
-            boxes = parse_boxes(text) if task == "ground" or "{<" in text else []
-            # vLLM reports the answer's log-probability, not per token span: each box gets the
-            # answer's geometric-mean token probability.
-            answers.append(Answer(text=text, boxes=boxes, box_scores=[confidence[rid]] * len(boxes), retrieved=[],
-                                  stopped_reason=reasons[rid], prompt_question=asked, text_score=confidence[rid],
-                                  timing={"generate_s": t_gen - t0,
-                                          **({"first_token_s": first[0] - t0} if first else {})}))
-        return answers
+        timing = {"generate_s": t_gen - t0, **({"first_token_s": first[0] - t0} if first else {})}
+        return [vllm_answer(texts[rid], task, asked, reasons[rid], confidence[rid], timing) for rid in ids]
+
+
+def vllm_answer(text: str, task: str, asked: str, stopped_reason: str, confidence: float,
+                timing: dict | None = None) -> Answer:
+    """One vLLM completion as the engine's Answer: boxes parsed from GeoChat's box text.
+
+    vLLM reports the answer's log-probability, not per token span: each box gets the answer's
+    geometric-mean token probability (``confidence``)."""
+    text = text.strip()
+    boxes = parse_boxes(text) if task == "ground" or "{<" in text else []
+    return Answer(text=text, boxes=boxes, box_scores=[confidence] * len(boxes), retrieved=[],
+                  stopped_reason=stopped_reason, prompt_question=asked, text_score=confidence,
+                  timing=dict(timing or {}))

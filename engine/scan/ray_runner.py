@@ -8,6 +8,11 @@ run does (:func:`engine.scan.runner.infer_batch`): the results are the same.  On
 the wire (tile windows in, georeferenced boxes as WKB hex out); the driver merges and writes, so the
 output file lives on the driver alone.  Workers read the raster themselves: on a cluster its path
 must be the same on every node (a shared file system; see docs/scale.md).
+
+A LLaVA-family folder on a cluster with GPUs, with ``backend`` ``vllm`` (or ``auto`` where vLLM and
+``ray.data.llm`` import), goes through Ray Data's vLLM processor instead (:mod:`engine.scan.ray_vllm`);
+asked for vLLM where it cannot run (no GPU in the cluster, packages missing, not a LLaVA folder),
+the scan runs on this actor pool and says why in its warnings.
 """
 from __future__ import annotations
 
@@ -88,6 +93,17 @@ def ray_results(plan: TilePlan, chunks: Sequence[Sequence[Tile]], spec: Any, req
     cpus = max(1, int(resources.get("CPU", 1)))
     workers = request.ray_workers or (gpus if gpus else cpus)
     workers = max(1, min(workers, len(chunks)))
+    from engine.backends import backend_for
+
+    from .ray_vllm import vllm_choice, vllm_ray_results
+
+    on_vllm, why = vllm_choice(request.backend, backend_for(model_dir), gpus)
+    if on_vllm:
+        yield from vllm_ray_results(ray, plan, chunks, spec, model_dir, replicas=workers, batch=request.batch)
+        return
+    if why:   # asked for vLLM where it cannot run: said once, in the log and in the scan's warnings
+        log.warning("%s", why)
+        plan.warnings.append(why)
     threads = 1 if gpus else max(1, cpus // workers)
     config = json.dumps({"plan": plan.worker_view(), "spec": asdict(spec), "threads": threads,
                          "model": str(Path(model_dir).resolve()),

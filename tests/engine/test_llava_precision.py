@@ -63,7 +63,7 @@ def test_int8_language_model_answers_close_to_float32(tiny_llava):
     full = load_pipeline(tiny_llava, "cpu")
     int8 = load_pipeline(tiny_llava, "cpu", dtype="int8")
     info = int8.info()
-    assert info["dtype"] == "int8" and not int8.fused_decode
+    assert info["dtype"] == "int8" and int8.fused_decode
     assert int8_linear_count(int8.model.model.language_model) == TEXT["num_hidden_layers"] * 7
     assert info["memory"]["precision"] == "int8" and info["memory"]["load_peak"]["precision"] == "bfloat16"
     from engine.backends.llava import build_instruction
@@ -76,6 +76,57 @@ def test_int8_language_model_answers_close_to_float32(tiny_llava):
         quantised = int8.model(input_ids=ids, pixel_values=pixels).logits[0, -1]
     assert torch.nn.functional.cosine_similarity(reference, quantised, dim=0) > 0.99
     assert int8.answer([chip()], "vqa", "What is this?", max_new_tokens=6)[0].timing["new_tokens"] >= 1
+
+
+def test_int8_fused_decode_gives_the_tokens_of_the_int8_module_by_module_step(tiny_llava):
+    fused = load_pipeline(tiny_llava, "cpu", dtype="int8")
+    plain = load_pipeline(tiny_llava, "cpu", dtype="int8")
+    plain.fused_decode = False
+    for p in (fused, plain):
+        p.eos_ids = set()                          # compare a fixed number of tokens
+    images = [chip(), chip(7)]
+    a = fused.answer(images, "vqa", "What is this?", max_new_tokens=10)
+    b = plain.answer(images, "vqa", "What is this?", max_new_tokens=10)
+    assert [x.text for x in a] == [x.text for x in b] and a[0].timing["new_tokens"] == 2 * 10
+    for x, y in zip(a, b):
+        assert x.text_score == pytest.approx(y.text_score, rel=1e-3)
+    # Step by step from one prefill: the same logits as transformers' step on the same int8 modules.
+    from engine.backends.llava import build_instruction
+    from engine.model.image_processing import preprocess_images
+
+    ids = torch.tensor([fused.prompt_ids(build_instruction("vqa", "What is this?")[0])])
+    pixels = preprocess_images([chip()], fused.image_size, fused.image_mean, fused.image_std)
+    with torch.inference_mode():
+        out = fused.model(input_ids=ids, pixel_values=pixels, use_cache=True)
+        decoder = fused._fused_decoder(1, ids.shape[1] + 4)
+        decoder.load_cache(out.past_key_values)
+        past, mask, token = out.past_key_values, torch.ones_like(ids), out.logits[:, -1].argmax(-1)
+        for _ in range(4):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            ours = decoder.step(token, mask)
+            step = fused.model(input_ids=token[:, None], past_key_values=past, attention_mask=mask, use_cache=True)
+            past, reference = step.past_key_values, step.logits[:, -1]
+            assert torch.allclose(ours, reference, atol=1e-4, rtol=1e-4)
+            token = reference.argmax(-1)
+
+
+def test_the_int8_decode_step_runs_the_models_own_per_channel_int8_matrices(tiny_llava):
+    from engine.backends.int8_cpu import Int8FusedDecoder
+
+    pipeline = load_pipeline(tiny_llava, "cpu", dtype="int8")
+    language_model = pipeline.model.model.language_model
+    decoder = pipeline._fused_decoder(2, 64)
+    assert isinstance(decoder, Int8FusedDecoder)
+    dynamic = torch.ao.nn.quantized.dynamic.Linear
+    ours = [m for layer in decoder.layers for m in layer.matrices()]
+    theirs = [m for m in language_model.layers.modules() if isinstance(m, dynamic)]
+    assert len(ours) == TEXT["num_hidden_layers"] * 7 and {id(m) for m in ours} == {id(m) for m in theirs}
+    assert all(m.weight().qscheme() == torch.per_channel_affine for m in ours)     # one scale per output row
+    # No float copy of those matrices anywhere: no float linear layer left in the decoder layers,
+    # and the float fused step's weight cache was never built on this model.
+    assert not any(type(m) is torch.nn.Linear for m in language_model.layers.modules())
+    assert "_fused_decode_weights" not in pipeline.model.__dict__
+    assert decoder.keys.dtype == torch.float32 and decoder.keys.shape[1] == 2
 
 
 def test_int8_is_refused_on_cuda_before_loading(tiny_llava):
