@@ -106,19 +106,9 @@ class Int8FusedDecoder(FusedDecoder):
     so one is made per request.
     """
 
-    def __init__(self, model: nn.Module, batch: int, capacity: int) -> None:   # noqa: super().__init__ not called
+    def __init__(self, model: nn.Module, batch: int, capacity: int) -> None:
         lm = model.model.language_model
-        self.layers = [_Int8Layer(layer) for layer in lm.layers]
-        self.head = model.lm_head
-        self.embed = lm.embed_tokens.weight
-        if self.embed.dtype != torch.float32 or self.embed.device.type != "cpu":
+        if lm.embed_tokens.weight.dtype != torch.float32 or lm.embed_tokens.weight.device.type != "cpu":
             raise ValueError("the int8 decode step runs on the CPU with float32 activations")
-        self.final_norm = lm.norm
-        first = self.layers[0]
-        self.head_dim = first.head_dim
-        self.heads, self.kv_heads = first.q_size // first.head_dim, first.kv_size // first.head_dim
-        cos, sin = lm.rotary_emb(self.embed, torch.arange(capacity)[None])                     # (1, P, hd)
-        self.cos, self.sin = cos[0], sin[0]
-        shape = (len(self.layers), batch, self.kv_heads, capacity, self.head_dim)
-        self.keys, self.values = torch.zeros(shape), torch.zeros(shape)
-        self.length, self.capacity = 0, capacity
+        super().__init__(model, batch, capacity, language_model=lm, lm_head=model.lm_head,
+                         weights=([_Int8Layer(layer) for layer in lm.layers], model.lm_head))

@@ -143,10 +143,13 @@ class FusedDecoder:
     """
 
     def __init__(self, model: nn.Module, batch: int, capacity: int, int8: bool = False, *,
-                 language_model: nn.Module | None = None, lm_head: nn.Module | None = None) -> None:
+                 language_model: nn.Module | None = None, lm_head: nn.Module | None = None,
+                 weights: tuple[list, nn.Module] | None = None) -> None:
+        """``weights``: (layers, head) to step with instead of the fused copies built here (a
+        backend's own quantised modules); each layer needs ``head_dim``, ``q_size``, ``kv_size``."""
         lm = model.language_model if language_model is None else language_model
         head = model.lm_head if lm_head is None else lm_head
-        self.layers, self.head = _fused_weights(model, lm, head, int8)
+        self.layers, self.head = weights if weights is not None else _fused_weights(model, lm, head, int8)
         self.embed = lm.embed_tokens.weight
         self.final_norm = lm.norm
         first = self.layers[0]
