@@ -17,13 +17,17 @@ merged, and / or ``out/adapter/``, the peft adapter + projector that the engine 
 base when it loads the folder, :mod:`engine.backends.lora_adapter`), ``seed_components``
 (``true`` or RS-LVLM config overrides: the seed's SAM, level projectors and semantic experts are
 built around the LLaVA base and trained with the LoRA LM, :mod:`engine.lab.seed_components`).
-``python -m engine train --config CFG`` runs this module when CFG names a ``base``.  Resumable: ``out/checkpoint/`` holds the adapter and projector weights
+``python -m engine train --config CFG`` runs this module when CFG names a ``base``.  A ``base``
+that is one of our own RS-LVLM checkpoints (``config.json`` model_type ``rs_lvlm``) is fine-tuned
+in full instead (``train_detector`` to train its detector too), :mod:`engine.lab.finetune_own`,
+by the same loop.  Resumable: ``out/checkpoint/`` holds the adapter and projector weights
 (safetensors) and the step; a rerun continues from there at the next sample of the mix (AdamW's
 moments restart: no pickled optimizer state is written).  The loss log is ``out/loss_log.jsonl``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -45,18 +49,26 @@ DEFAULTS: dict[str, Any] = {
     "lora": {"r": 8, "alpha": 16, "dropout": 0.05,
              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
     "vision": "frozen", "train_projector": True, "save": "merged", "seed_components": False,
+    "train_detector": False,
 }
 SAVE_CHOICES = ("merged", "adapter", "both")
 
 
 def load_config(path: str | Path | dict) -> dict:
-    """The config with defaults filled in; ``base``, ``data`` and ``out`` are required."""
+    """The config with defaults filled in; ``base``, ``data`` and ``out`` are required.  An RS-LVLM
+    ``base`` gets the full fine-tune's checks and defaults (:func:`engine.lab.finetune_own.check_config`)."""
+    from engine.lab.finetune_own import check_config, is_own_checkpoint
+
     cfg = dict(path) if isinstance(path, dict) else json.loads(Path(path).read_text(encoding="utf-8"))
     missing = [k for k in ("base", "data", "out") if k not in cfg]
     if missing:
         raise ValueError(f"fine-tuning config lacks {', '.join(missing)}")
     out = {**DEFAULTS, **cfg}
     out["lora"] = {**DEFAULTS["lora"], **cfg.get("lora", {})}
+    if is_own_checkpoint(out["base"]):
+        return check_config(cfg, out)
+    if out["train_detector"]:
+        raise ValueError("train_detector applies to RS-LVLM checkpoints with a detector, not to LLaVA bases")
     if out["vision"] not in ("frozen", "lora"):
         raise ValueError(f"vision must be 'frozen' or 'lora', got {out['vision']!r}")
     if out["save"] not in SAVE_CHOICES:
@@ -108,7 +120,8 @@ def _target_regex(names: Sequence[str], vision: str) -> str:
 
 def lora_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint keeps: every trained tensor (the LoRA matrices, the projector, and with
-    ``seed_components`` the SAM, level projectors and experts); the frozen base is not repeated."""
+    ``seed_components`` the SAM, level projectors and experts; for an RS-LVLM base everything
+    but a frozen detector); the frozen base is not repeated."""
     return {k: v.detach().cpu().contiguous() for k, v in model.named_parameters() if v.requires_grad}
 
 
@@ -120,11 +133,13 @@ def _lr(step: int, cfg: dict) -> float:
     return cfg["lr"] * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-def _save_checkpoint(model: torch.nn.Module, folder: Path, step: int) -> None:
+def _save_checkpoint(model: torch.nn.Module, folder: Path, step: int, state: Any = lora_parameters) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(lora_parameters(model), str(folder / "trainable.safetensors"))
+    tmp = folder / "trainable.safetensors.partial"
+    save_file(state(model), str(tmp))
+    tmp.replace(folder / "trainable.safetensors")                    # never a half-written file
     (folder / "state.json").write_text(json.dumps({"step": step}))
 
 
@@ -135,7 +150,7 @@ def _resume(model: torch.nn.Module, folder: Path) -> int:
     if not state.is_file():
         return 0
     weights = load_file(str(folder / "trainable.safetensors"))
-    params = dict(model.named_parameters())
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v.to(params[k].dtype))
@@ -145,6 +160,10 @@ def _resume(model: torch.nn.Module, folder: Path) -> int:
 def finetune(config: str | Path | dict, progress: bool = True) -> dict:
     """Run the config; returns a summary (steps, first and last losses, output folder)."""
     cfg = load_config(config)
+    from engine.lab.finetune_own import finetune_own, is_own_checkpoint
+
+    if is_own_checkpoint(cfg["base"]):
+        return finetune_own(cfg, progress)
     if cfg["seed_components"] is not False:
         from engine.lab.seed_components import finetune_seed_components
 
@@ -184,11 +203,14 @@ def finetune(config: str | Path | dict, progress: bool = True) -> dict:
     return {**summary, "model": saved.get("merged", saved.get("adapter")), "saved": saved}
 
 
-def train_loop(model: torch.nn.Module, cfg: dict, stream: Any, batch_of: Any, progress: bool = True) -> dict:
+def train_loop(model: torch.nn.Module, cfg: dict, stream: Any, batch_of: Any, progress: bool = True, *,
+               state: Any = lora_parameters, autocast: Any = None, keep_eval: Sequence[torch.nn.Module] = ()) -> dict:
     """AdamW over the model's trainable tensors for ``cfg["steps"]`` steps of ``batch_size``
     samples from ``stream`` (``batch_of(samples)`` -> the model's keyword arguments, its output
-    has ``.loss``), resuming from and saving to ``out/checkpoint/``, logging to
-    ``out/loss_log.jsonl``.  Returns the steps, where it started and the first and last losses."""
+    has ``.loss``), resuming from and saving to ``out/checkpoint/`` (``state(model)``: the tensors
+    kept), logging to ``out/loss_log.jsonl``.  The forward runs inside ``autocast`` (a context
+    manager, e.g. bfloat16 autocast) and the modules of ``keep_eval`` (a frozen detector) stay in
+    eval mode.  Returns the steps, where it started and the first and last losses."""
     from tqdm import tqdm
 
     out = Path(cfg["out"])
@@ -199,13 +221,16 @@ def train_loop(model: torch.nn.Module, cfg: dict, stream: Any, batch_of: Any, pr
     out.mkdir(parents=True, exist_ok=True)
     losses: list[float] = []
     model.train()
+    for module in keep_eval:
+        module.eval()
     bar = tqdm(total=cfg["steps"], initial=start, desc="finetune", file=sys.stderr, disable=not progress)
     with open(out / "loss_log.jsonl", "a", encoding="utf-8") as logf:
         for step in range(start, int(cfg["steps"])):
             batch = batch_of([next(samples) for _ in range(int(cfg["batch_size"]))])
             for group in optimizer.param_groups:
                 group["lr"] = _lr(step, cfg)
-            loss = model(**batch).loss
+            with autocast if autocast is not None else contextlib.nullcontext():
+                loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
@@ -215,10 +240,10 @@ def train_loop(model: torch.nn.Module, cfg: dict, stream: Any, batch_of: Any, pr
                 logf.write(json.dumps({"step": step + 1, "loss": round(losses[-1], 5), "lr": _lr(step, cfg)}) + "\n")
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if (step + 1) % int(cfg["save_every"]) == 0:
-                _save_checkpoint(model, out / "checkpoint", step + 1)
+                _save_checkpoint(model, out / "checkpoint", step + 1, state)
             bar.update(1)
     bar.close()
-    _save_checkpoint(model, out / "checkpoint", int(cfg["steps"]))
+    _save_checkpoint(model, out / "checkpoint", int(cfg["steps"]), state)
     model.eval()
     return {"steps": int(cfg["steps"]), "started_at": start, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "trainable_parameters": sum(p.numel() for p in trainable)}
@@ -308,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         raw["out"] = str(args.out)
     cfg = load_config(raw)
     if args.estimate:
+        from engine.lab.finetune_own import is_own_checkpoint
+
+        if is_own_checkpoint(cfg["base"]):
+            parser.error("--estimate counts the LoRA fine-tune of a LLaVA base, not the full fine-tune of an "
+                         "RS-LVLM checkpoint")
         print(json.dumps(memory_estimate(json.loads((Path(cfg["base"]) / "config.json").read_text()), cfg)))
         return 0
     print(json.dumps(finetune(cfg)))
