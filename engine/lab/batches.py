@@ -192,8 +192,11 @@ class Collator:
             t = torch.zeros((len(samples), n))
             for row, s in enumerate(samples):
                 for name in s.knowledge_targets.get(level, []):
-                    idx = self.knowledge.id_of_name(name, level)
-                    if idx is not None and idx >= 0:
+                    try:
+                        idx = self.knowledge.id_of_name(name, level)
+                    except KeyError:        # a user's class the knowledge base has no entry for
+                        continue
+                    if idx >= 0:
                         t[row, idx] = 1.0
             targets[level] = t
         batch = {"pixel_values": preprocess_images([s.image for s in samples], self.image_size),

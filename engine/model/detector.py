@@ -213,8 +213,12 @@ def detection_loss(out: DetectorOutput, targets: DetectionTargets) -> torch.Tens
 
         loss = loss + 0.5 * F.l1_loss(at(out.size)[mask], targets.size[mask])
         loss = loss + F.l1_loss(at(out.offset)[mask], targets.offset[mask])
-        loss = loss + 0.5 * F.cross_entropy(at(out.colour)[mask], targets.colour[mask], ignore_index=-100)
-        loss = loss + 0.5 * F.cross_entropy(at(out.size_word)[mask], targets.size_word[mask], ignore_index=-100)
+        # Attribute terms only where some box has the attribute (published boxes have none, and a
+        # cross-entropy over no labels is 0 / 0)
+        if bool((targets.colour[mask] >= 0).any()):
+            loss = loss + 0.5 * F.cross_entropy(at(out.colour)[mask], targets.colour[mask], ignore_index=-100)
+        if bool((targets.size_word[mask] >= 0).any()):
+            loss = loss + 0.5 * F.cross_entropy(at(out.size_word)[mask], targets.size_word[mask], ignore_index=-100)
     if bool((targets.land_cover >= 0).any()):
         loss = loss + 0.5 * F.cross_entropy(out.land_cover.float(), targets.land_cover, ignore_index=-100)
     return loss

@@ -52,3 +52,16 @@ def test_training_steps_lower_the_detection_loss():
         loss.backward()
         opt.step()
     assert float(loss) < first
+
+
+def test_boxes_without_colour_or_size_labels_give_a_finite_detection_loss():
+    import torch
+
+    from engine.model.detector import build_detection_targets, detection_loss
+    from model_helpers import small_object_model
+
+    model = small_object_model()
+    unlabelled = torch.tensor([[0.25, 0.25, 0.5, 0.5, 1, -1, -1]])     # a published box: class only
+    targets = build_detection_targets([unlabelled], None, model.config)
+    loss = detection_loss(model.vision.detector(torch.randn(1, 3, 32, 32)), targets)
+    assert torch.isfinite(loss) and float(loss) > 0
