@@ -4,7 +4,10 @@ A fresh synthetic test split is generated from seed S (training draws its scenes
 seeds, so nothing here was seen in training) and every task of the product is scored: scene
 classification, VQA per question type, grounding (Acc@0.5, Acc@0.7 and mean IoU; a parse failure
 or a missing box counts as a miss), captions (BLEU-4 and CIDEr with pycocoevalcap's scorers) and
-the Semantic Augmentation Module's retrieval.
+the Semantic Augmentation Module's retrieval.  Two diagnostics beside them: VQA asked as a
+follow-up (one earlier turn on the same image in the prompt, ``vqa_follow_up_accuracy``) and, for
+a model whose colour / position answers point at their objects first, whether those evidence
+boxes are the right objects (``vqa_evidence_acc50``: finding the object vs reading it).
 
 Retrieval is scored by what the question asks: for grounding and counting questions that name
 an object class present in the image, is that class's entry the object level's top-1, and is
@@ -37,7 +40,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
     from engine.device import resolve_device
     from .metrics import caption_scores, classification_accuracy, grounding_scores, vqa_accuracy
     from engine.backends.rs_lvlm import RsLvlmPipeline
-    from engine.grounding import readable_text
+    from engine.grounding import parse_boxes, readable_text
 
     t0 = time.perf_counter()
     pipeline = RsLvlmPipeline.load(model_dir, device=resolve_device(device))
@@ -47,6 +50,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
     for s in samples:
         by_task[s.task].append(s)
     predictions: dict[str, list[str]] = defaultdict(list)
+    raw_predictions: dict[str, list[str]] = defaultdict(list)
     hits: dict[str, list[float]] = defaultdict(list)
     top1: dict[str, list[float]] = defaultdict(list)
     asked: dict[str, list[float]] = defaultdict(list)
@@ -57,6 +61,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
         for i, s in enumerate(group):
             by_question[s.question].append(i)
         texts: list[str] = [""] * len(group)
+        raws: list[str] = [""] * len(group)
         for question, indices in by_question.items():
             for start in range(0, len(indices), BATCH):
                 chunk = indices[start:start + BATCH]
@@ -66,6 +71,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
                     # What the analyst reads (a VQA answer's evidence boxes are not its words);
                     # the other tasks are scored on the raw text as before.
                     texts[i] = readable_text(answer.text, task) if task == "vqa" else answer.text
+                    raws[i] = answer.text
                     for level, names in group[i].knowledge_targets.items():
                         if names:
                             ranked = [r["entry"] for r in answer.retrieved if r["level"] == level]
@@ -75,6 +81,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
                     _score_asked(group[i], answer.retrieved, asked)
                 bar.update(len(chunk))
         predictions[task] = texts
+        raw_predictions[task] = raws
     bar.close()
     scores: dict = {"model": str(model_dir), "seed": seed, "n": len(samples), "int8_decode": int8,
                     "counts": {task: len(group) for task, group in by_task.items()}}
@@ -85,6 +92,15 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
         vqa = vqa_accuracy(predictions["vqa"], [s.answer for s in by_task["vqa"]], [s.qtype for s in by_task["vqa"]])
         scores["vqa_accuracy"] = vqa["overall"]
         scores["vqa_per_type"] = vqa["per_qtype"]
+        # Colour / position questions are about particular objects: did the answer's evidence
+        # boxes (a model that points first, "<obj k> red") land on them?  Separates finding the
+        # object from reading its attribute; absent (n 0) for a model that does not point.
+        about = [(raw, s.boxes) for raw, s in zip(raw_predictions["vqa"], by_task["vqa"]) if s.boxes]
+        evidence = grounding_scores([r for r, _ in about], [b for _, b in about])
+        if any(parse_boxes(r) for r, _ in about):
+            scores["vqa_evidence_acc50"] = evidence["acc@0.5"]
+            scores["vqa_evidence_n"] = evidence["n"]
+        scores["vqa_follow_up_accuracy"] = follow_up_accuracy(pipeline, by_task["vqa"], max_new_tokens)
     if by_task.get("ground"):
         g = grounding_scores(predictions["ground"], [s.boxes for s in by_task["ground"]])
         scores["grounding_acc50"] = g["acc@0.5"]
@@ -109,6 +125,30 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
     scores["elapsed_s"] = round(time.perf_counter() - t0, 1)
     scores["model_info"] = pipeline.info()
     return scores
+
+
+FOLLOW_UP_TURN = "What type of scene is this?"
+
+
+def follow_up_accuracy(pipeline, samples: list, max_new_tokens: int = 48) -> float:
+    """VQA accuracy with one earlier turn on the same image (the scene question and its true
+    answer, as the dock sends a follow-up): the answer must follow the question asked now."""
+    from engine.grounding import readable_text
+    from .metrics import vqa_accuracy
+
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        groups[(s.question, s.meta.get("scene_class", ""))].append(i)
+    texts = [""] * len(samples)
+    for (question, scene), indices in groups.items():
+        history = [{"question": FOLLOW_UP_TURN, "answer": scene}]
+        for start in range(0, len(indices), BATCH):
+            chunk = indices[start:start + BATCH]
+            answers = pipeline.answer([samples[i].image for i in chunk], "vqa", question,
+                                      max_new_tokens=max_new_tokens, history=history)
+            for i, answer in zip(chunk, answers):
+                texts[i] = readable_text(answer.text, "vqa")
+    return vqa_accuracy(texts, [s.answer for s in samples], [s.qtype for s in samples])["overall"]
 
 
 def detector_scores(pipeline, samples: list, min_score: float = 0.3) -> dict:

@@ -124,5 +124,6 @@ def test_evaluate_command_prints_every_score_as_json():
     assert proc.returncode == 0, proc.stderr[-2000:]
     scores = json.loads(proc.stdout)
     for key in ("scene_accuracy", "vqa_accuracy", "grounding_acc50", "grounding_mean_iou", "caption_bleu4",
-                "caption_cider", "retrieval_hit_rate"):
+                "caption_cider", "retrieval_hit_rate", "vqa_follow_up_accuracy"):
         assert key in scores
+    assert 0.0 <= scores["vqa_follow_up_accuracy"] <= 1.0
