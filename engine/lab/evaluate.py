@@ -100,6 +100,9 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
         if any(parse_boxes(r) for r, _ in about):
             scores["vqa_evidence_acc50"] = evidence["acc@0.5"]
             scores["vqa_evidence_n"] = evidence["n"]
+            scores["vqa_word_given_evidence"] = word_given_evidence(
+                [(raw, text, s) for raw, text, s in zip(raw_predictions["vqa"], predictions["vqa"], by_task["vqa"])
+                 if s.boxes])
         scores["vqa_follow_up_accuracy"] = follow_up_accuracy(pipeline, by_task["vqa"], max_new_tokens)
     if by_task.get("ground"):
         g = grounding_scores(predictions["ground"], [s.boxes for s in by_task["ground"]])
@@ -125,6 +128,21 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
     scores["elapsed_s"] = round(time.perf_counter() - t0, 1)
     scores["model_info"] = pipeline.info()
     return scores
+
+
+def word_given_evidence(rows: list) -> dict:
+    """Accuracy of the answer word when the evidence boxes are all on the right objects (IoU
+    >= 0.5) and when they are not: whether the model fails to find the object or to read it."""
+    from engine.grounding import parse_boxes
+    from .metrics import match_boxes, normalize_answer
+
+    out: dict = {"evidence_right": [0, 0], "evidence_wrong": [0, 0]}
+    for raw, text, sample in rows:
+        ious = match_boxes(parse_boxes(raw), list(sample.boxes))
+        key = "evidence_right" if ious and all(i >= 0.5 for i in ious) else "evidence_wrong"
+        out[key][0] += int(normalize_answer(text) == normalize_answer(sample.answer))
+        out[key][1] += 1
+    return {k: {"n": n, "word_accuracy": round(hit / n, 4) if n else None} for k, (hit, n) in out.items()}
 
 
 FOLLOW_UP_TURN = "What type of scene is this?"
