@@ -71,6 +71,9 @@ class ScanTask(QgsTask):
         super().cancel()
 
     def finished(self, result: bool) -> None:  # noqa: D401 (QgsTask API: main thread)
+        if not result and not self.error and self.isCanceled():
+            # cancelled before run() started (QGIS then never runs it): say so, as a running one does
+            self.error = "Cancelled before the scan started; nothing was written."
         if result and self.summary is not None:
             self.layerFilled.emit(self.params["out"], self.layer)
         self.done.emit(self.summary if result else None, self.error)

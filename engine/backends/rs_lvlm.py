@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -177,10 +178,15 @@ class RsLvlmPipeline:
             referenced = None
             if detections is not None and "<obj" in text:
                 # Grounding by reference: <obj k> -> detection k's box text; its score is the box's.
-                text, referenced = resolve_references(text, detections[0][i].tolist(), detections[1][i].tolist())
+                text, referenced = resolve_references(text, detections[0][i].tolist(), detections[1][i].tolist(),
+                                                      detections[2][i].tolist())
             boxes = parse_boxes(text) if task == "ground" or "{<" in text else []
             if referenced is not None and len(referenced) == len(boxes):
                 scores = [r.score for r in referenced]
+                # Evidence boxes of a VQA answer ("{box} red") have no phrase before them: they
+                # are labelled with their detection's class for the map layer.
+                boxes = [replace(b, label=names[r.cls]) if not b.label and r.cls is not None and r.cls < len(names)
+                         else b for b, r in zip(boxes, referenced)]
             else:
                 scores = box_scores(result.texts[i], result.token_ends[i], result.logprobs[i], boxes)
             answers.append(Answer(text=text, boxes=boxes, box_scores=scores,

@@ -76,12 +76,15 @@ def assign_references(input_ids: torch.Tensor, labels: torch.Tensor | None, slot
 class ResolvedBox:
     box: GridBox
     score: float
+    cls: int | None = None         # the detection's class index, when known
 
 
-def resolve_references(text: str, boxes: list[list[float]], scores: list[float]) -> tuple[str, list[ResolvedBox]]:
+def resolve_references(text: str, boxes: list[list[float]], scores: list[float],
+                       classes: list[int] | None = None) -> tuple[str, list[ResolvedBox]]:
     """Replace each ``<obj k>`` in ``text`` by detection k's box text (``boxes[k]`` normalised
-    x1, y1, x2, y2; ``scores[k]`` its score); a reference past the detections is dropped.
-    Returns the rewritten text and the referenced boxes in order of appearance."""
+    x1, y1, x2, y2; ``scores[k]`` its score, ``classes[k]`` its class); a reference past the
+    detections is dropped.  Returns the rewritten text and the referenced boxes in order of
+    appearance."""
     found: list[ResolvedBox] = []
 
     def repl(m: re.Match) -> str:
@@ -90,7 +93,7 @@ def resolve_references(text: str, boxes: list[list[float]], scores: list[float])
             return ""
         x1, y1, x2, y2 = (float(v) * GRID_MAX for v in boxes[k])
         box = GridBox(x1, y1, x2, y2, 0.0)
-        found.append(ResolvedBox(box, float(scores[k])))
+        found.append(ResolvedBox(box, float(scores[k]), None if classes is None else int(classes[k])))
         return format_box(box)
 
     return REFERENCE_RE.sub(repl, text), found

@@ -74,3 +74,8 @@ def test_a_vqa_question_naming_one_class_fixes_the_class_of_its_evidence_referen
     assert sole_named_class("What colour are the storage tanks?", names) == 2
     assert sole_named_class("Is the ship left or right of the airplane?", names) is None
     assert sole_named_class("What type of scene is this?", names) is None
+
+
+def test_a_resolved_reference_keeps_its_detections_class():
+    text, found = resolve_references("<obj1> red", [[0, 0, 0.1, 0.1], [0.2, 0.3, 0.4, 0.5]], [0.9, 0.7], [4, 1])
+    assert text == "{<20><30><40><50>|0} red" and found[0].cls == 1
