@@ -96,8 +96,9 @@ def follow_up_turn(sample) -> dict:
     return {"question": sample.question, "answer": readable_text(sample.answer, sample.task)}
 
 
-def evidence_answer(answer: str, n_objects: int) -> str:
-    """``("red", 1)`` -> ``"<obj0> red"``; ``("left", 2)`` -> ``"<obj0> and <obj1> left"``.
+def evidence_answer(answer: str, classes: list[str]) -> str:
+    """``("red", ["ship"])`` -> ``"<obj0> red"``; ``("left", ["ship", "airplane"])`` ->
+    ``"<obj0> and <obj1> left"`` (``classes``: the class of each object the answer is about).
 
     Why: an attribute answer is two steps, find the object the question describes (what
     grounding by reference already learns) and read its colour or place.  Written as a pointer
@@ -107,8 +108,8 @@ def evidence_answer(answer: str, n_objects: int) -> str:
     are listed back to back; the objects of a relative-position question (two classes) are
     joined by "and" (consecutive references keep one class, see engine.model.references).
     The reader sees the word only: engine.grounding.readable_text keeps what follows the boxes."""
-    refs = [f"<obj{i}>" for i in range(n_objects)]
-    joined = " and ".join(refs) if n_objects == 2 and answer in ("left", "right", "above", "below") else "".join(refs)
+    joined = "".join(("" if i == 0 else " and " if cls != classes[i - 1] else "") + f"<obj{i}>"
+                     for i, cls in enumerate(classes))
     return f"{joined} {answer}"
 
 
@@ -166,14 +167,13 @@ class Collator:
         answers, slots = [], []
         for s in samples:
             answer = s.answer
+            boxes = []
             if self.object_centric and s.task == "ground" and s.boxes:
                 answer, n = reference_answer(answer)
-                slots.append([[b.x1 / 100, b.y1 / 100, b.x2 / 100, b.y2 / 100] for b in s.boxes[:n]])
+                boxes = s.boxes[:n]
             elif self.vqa_references and s.task == "vqa" and s.boxes:
-                answer = evidence_answer(answer, len(s.boxes))
-                slots.append([[b.x1 / 100, b.y1 / 100, b.x2 / 100, b.y2 / 100] for b in s.boxes])
-            else:
-                slots.append([])
+                answer, boxes = evidence_answer(answer, [b.label for b in s.boxes]), s.boxes
+            slots.append([[b.x1 / 100, b.y1 / 100, b.x2 / 100, b.y2 / 100] for b in boxes])
             answers.append(answer)
         encoded = [encode_example(self.tokenizer, s.task, s.question, a, s.meta.get("history"))
                    for s, a in zip(samples, answers)]

@@ -95,14 +95,13 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
         # Colour / position questions are about particular objects: did the answer's evidence
         # boxes (a model that points first, "<obj k> red") land on them?  Separates finding the
         # object from reading its attribute; absent (n 0) for a model that does not point.
-        about = [(raw, s.boxes) for raw, s in zip(raw_predictions["vqa"], by_task["vqa"]) if s.boxes]
-        evidence = grounding_scores([r for r, _ in about], [b for _, b in about])
-        if any(parse_boxes(r) for r, _ in about):
+        about = [(raw, text, s) for raw, text, s in zip(raw_predictions["vqa"], predictions["vqa"], by_task["vqa"])
+                 if s.boxes]
+        if any(parse_boxes(raw) for raw, _, _ in about):
+            evidence = grounding_scores([raw for raw, _, _ in about], [s.boxes for _, _, s in about])
             scores["vqa_evidence_acc50"] = evidence["acc@0.5"]
             scores["vqa_evidence_n"] = evidence["n"]
-            scores["vqa_word_given_evidence"] = word_given_evidence(
-                [(raw, text, s) for raw, text, s in zip(raw_predictions["vqa"], predictions["vqa"], by_task["vqa"])
-                 if s.boxes])
+            scores["vqa_word_given_evidence"] = word_given_evidence(about)
         scores["vqa_follow_up_accuracy"] = follow_up_accuracy(pipeline, by_task["vqa"], max_new_tokens)
     if by_task.get("ground"):
         g = grounding_scores(predictions["ground"], [s.boxes for s in by_task["ground"]])

@@ -42,9 +42,9 @@ def test_the_collator_writes_grounding_answers_as_slots_with_their_boxes(samples
 
 
 def test_an_attribute_answer_points_at_its_objects_before_the_word():
-    assert evidence_answer("red", 1) == "<obj0> red"
-    assert evidence_answer("grey", 2) == "<obj0><obj1> grey"          # "What colour are the ships?"
-    assert evidence_answer("left", 2) == "<obj0> and <obj1> left"     # two classes: not one list
+    assert evidence_answer("red", ["ship"]) == "<obj0> red"
+    assert evidence_answer("grey", ["ship", "ship"]) == "<obj0><obj1> grey"      # "What colour are the ships?"
+    assert evidence_answer("left", ["ship", "airplane"]) == "<obj0> and <obj1> left"   # two classes: not one list
 
 
 def test_with_vqa_references_colour_answers_are_taught_as_slots_then_the_colour(samples):
