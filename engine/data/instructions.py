@@ -380,7 +380,10 @@ def _make_sample(scene: Scene, rng: np.random.Generator, task: str, img: np.ndar
             qa = _VQA[str(qt)](scene, rng)
             if qa is not None:
                 about = qa[2] if len(qa) > 2 else []
-                return Sample(img, task, qa[0], qa[1], str(qt), {},
+                meta = {}
+                if qt in ("counting", "comparison"):   # the classes whose counts answer it, as asked
+                    meta["count_classes"] = sorted(named_classes(qa[0]), key=lambda c: qa[0].lower().find(c))
+                return Sample(img, task, qa[0], qa[1], str(qt), {}, meta=meta,
                               boxes=[object_grid_box(o, scene.size, oriented) for o in about])
         raise AssertionError("presence questions are always possible")  # pragma: no cover
     if task == "ground":

@@ -107,6 +107,8 @@ def evidence_answer(answer: str, classes: list[str]) -> str:
     detector's own colour head is right for 0.99 of the objects it finds).  Objects of one class
     are listed back to back; the objects of a relative-position question (two classes) are
     joined by "and" (consecutive references keep one class, see engine.model.references).
+    Counting and comparison answers point the same way at the count token of each class they are
+    about (``"<obj0> 3"``, slot 0 being a count slot, see engine.model.references.count_slot_box).
     The reader sees the word only: engine.grounding.readable_text keeps what follows the boxes."""
     joined = "".join(("" if i == 0 else " and " if cls != classes[i - 1] else "") + f"<obj{i}>"
                      for i, cls in enumerate(classes))
@@ -124,6 +126,8 @@ class Collator:
         self.object_centric = getattr(config, "vision_backbone", "vit") == "centernet"
         self.with_detection_targets = self.object_centric    # off when the detector is frozen
         self.vqa_references = self.object_centric and bool(getattr(config, "vqa_references", False))
+        self.count_references = self.object_centric and bool(getattr(config, "count_references", False))
+        self.class_index = {name: i for i, name in enumerate(getattr(config, "object_classes", ()) or ())}
         self._question_cache: dict[str, np.ndarray] = {}
 
     def question_embeds(self, questions: list[str]) -> torch.Tensor:
@@ -164,16 +168,22 @@ class Collator:
         from engine.model.image_processing import preprocess_images
         from engine.model.prompts import encode_example
 
+        from engine.model.references import count_slot_box
+
         answers, slots = [], []
         for s in samples:
             answer = s.answer
-            boxes = []
+            boxes, slot_boxes = [], []
+            counted = [c for c in s.meta.get("count_classes", ()) if c in self.class_index]
             if self.object_centric and s.task == "ground" and s.boxes:
                 answer, n = reference_answer(answer)
                 boxes = s.boxes[:n]
             elif self.vqa_references and s.task == "vqa" and s.boxes:
                 answer, boxes = evidence_answer(answer, [b.label for b in s.boxes]), s.boxes
-            slots.append([[b.x1 / 100, b.y1 / 100, b.x2 / 100, b.y2 / 100] for b in boxes])
+            elif self.count_references and s.task == "vqa" and counted:
+                answer = evidence_answer(answer, counted)
+                slot_boxes = [count_slot_box(self.class_index[c]) for c in counted]
+            slots.append(slot_boxes + [[b.x1 / 100, b.y1 / 100, b.x2 / 100, b.y2 / 100] for b in boxes])
             answers.append(answer)
         encoded = [encode_example(self.tokenizer, s.task, s.question, a, s.meta.get("history"))
                    for s, a in zip(samples, answers)]

@@ -68,6 +68,10 @@ class TrainConfig:
     # object tokens in training are then exactly the detections seen at inference, and a step
     # costs one detector forward instead of a forward and a backward
     freeze_detector: bool = False
+    # continue from a trained checkpoint folder (its weights and tokenizer) instead of from
+    # scratch: no detector warm-up; parameters of features switched on since (their config
+    # switches in model_overrides) start at their initialisation, which leaves the model as it was
+    init_from: str | None = None
 
     @classmethod
     def from_file(cls, path: Path, **overrides) -> "TrainConfig":
@@ -205,7 +209,9 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
     from engine.model.config import RsLvlmConfig
 
     image_size = RsLvlmConfig.preset(config.preset, **config.model_overrides).image_size
-    if (run_dir / "tokenizer.json").is_file():
+    if config.init_from:
+        tokenizer = load_tokenizer(Path(config.init_from))
+    elif (run_dir / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(run_dir)
     else:
         t0 = time.perf_counter()
@@ -214,6 +220,9 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
         tokenizer.save_pretrained(str(run_dir))
         log.info("tokenizer: %d tokens in %.1f s", len(tokenizer), time.perf_counter() - t0)
     model = build_model(config, tokenizer, knowledge, device)
+    if config.init_from and not (resume and (run_dir / "train_state.safetensors").is_file()):
+        new = initialise_from(model, Path(config.init_from))
+        log.info("initialised from %s; new parameters: %s", config.init_from, ", ".join(new) or "none")
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -231,6 +240,8 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
     started = time.perf_counter() - elapsed
     window: list[float] = []
     warmup_s = config.detector_warmup_min * 60 if model.config.vision_backbone == "centernet" else 0.0
+    if config.init_from:
+        warmup_s = 0.0                                # the checkpoint's detector is trained already
     for phase in ("detector", "all"):
         if phase == "detector" and time.perf_counter() - started >= warmup_s:
             continue
@@ -239,7 +250,7 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
             stream, batch_size = SceneStream(config.data_seed, config.n_scenes, image_size, scenes_seen), \
                 config.detector_batch_size
         else:
-            if warmup_s and config.freeze_detector:
+            if (warmup_s or config.init_from) and config.freeze_detector:
                 model.vision.detector.eval().requires_grad_(False)
                 collate.with_detection_targets = False
             stream, batch_size = SampleStream(config.data_seed, config.n_scenes, image_size, scenes_seen,
@@ -278,6 +289,25 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
     bar.close()
     return _finish(model, optimizer, tokenizer, config, device, run_dir, out_dir, step, scenes_seen,
                    time.perf_counter() - started)
+
+
+def initialise_from(model, folder: Path) -> list[str]:
+    """Load a trained checkpoint folder's weights into ``model`` (built from this run's config);
+    returns the names of the parameters the checkpoint lacks.  A tensor the model has no place
+    for, or of another shape, is an error: the run's config must extend the checkpoint's."""
+    from engine.model.checkpoint import WEIGHTS_NAME, read_weights, refuse_pickles
+
+    refuse_pickles(folder)
+    state = read_weights(folder / WEIGHTS_NAME)
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    misshaped = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    if unexpected or misshaped:
+        raise ValueError(f"{folder} does not fit this run's model: unexpected {unexpected[:5]}, "
+                         f"other shapes {misshaped[:5]}")
+    missing, _ = model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    tied = model.config.tie_word_embeddings
+    return [k for k in missing if not (tied and k == "lm_head.weight")]
 
 
 def _one_thread(_: int) -> None:

@@ -33,7 +33,7 @@ from .config import LEVEL_NAMES, RsLvlmConfig, knowledge_level_ids
 from .modeling_rs_lvlm import RsLvlmForConditionalGeneration
 from .tokenizer import load_tokenizer, save_tokenizer
 
-__all__ = ["save_checkpoint", "load_checkpoint", "LoadedModel", "weights_state_dict", "refuse_pickles",
+__all__ = ["save_checkpoint", "load_checkpoint", "LoadedModel", "weights_state_dict", "refuse_pickles", "read_weights",
            "load_knowledge_arrays", "PICKLE_SUFFIXES"]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -129,7 +129,8 @@ def load_knowledge_arrays(kdir: Path) -> tuple[np.ndarray, np.ndarray]:
     return emb, levels
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file (a clear CheckpointError when it is corrupt)."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
@@ -175,7 +176,7 @@ def load_checkpoint(model_dir: str | Path, device: str | torch.device = "cpu",
         knowledge = load_knowledge_arrays(d / "knowledge")
     elif not config.use_sam:
         knowledge = None
-    state = _read_weights(weights_path)
+    state = read_weights(weights_path)
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

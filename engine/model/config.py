@@ -103,6 +103,13 @@ class RsLvlmConfig:
     # training writes colour / position answers as "<obj k> red": the answer first points at the
     # object it is about, then reads the attribute off that token (engine.lab.batches)
     vqa_references: bool = False
+    # with class_count_tokens: counting / comparison answers point first at the count token of
+    # each class they are about ("<obj K+c> 3", K = num_object_tokens), then give the number
+    count_references: bool = False
+    # a reference token <obj k> written in the text carries, besides its own embedding, the
+    # gated features of object-level token k (pointer-network style): the word that follows a
+    # pointer is read off the input at hand instead of looked up again by attention
+    reference_feedback: bool = False
     # id of the first object reference token <obj0> (set from the tokenizer at training)
     object_token_start: int | None = None
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -171,6 +178,8 @@ class RsLvlmConfig:
             raise ValueError(f"vision_backbone must be 'vit' or 'centernet', got {self.vision_backbone!r}")
         if self.vision_backbone == "centernet" and self.image_size % 16:
             raise ValueError(f"the centernet backbone needs image_size divisible by 16, got {self.image_size}")
+        if self.count_references and not (self.vision_backbone == "centernet" and self.class_count_tokens):
+            raise ValueError("count_references needs the centernet backbone with class_count_tokens")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.expert_intermediate_size is None:

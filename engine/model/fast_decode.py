@@ -175,8 +175,10 @@ class FusedDecoder:
             self.values[i, :, :, :t] = layer.values
         self.length = cache.layers[0].keys.shape[-2]
 
-    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """tokens (B,), attention_mask (B, length + 1) over cache + this token -> logits (B, V)."""
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor,
+             extra: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B,), attention_mask (B, length + 1) over cache + this token -> logits (B, V);
+        ``extra`` (B, H) is added to the tokens' embeddings (the embedded model's reference feedback)."""
         if self.length >= self.capacity:
             raise ValueError("the static KV cache is full")
         b, pos = tokens.shape[0], self.length
@@ -186,6 +188,8 @@ class FusedDecoder:
         additive = additive.masked_fill(~attention_mask.bool(), torch.finfo(additive.dtype).min)
         additive = additive[:, None, None, :]                                                    # (B, 1, 1, K)
         hidden = F.embedding(tokens, self.embed)                                                 # (B, H)
+        if extra is not None:
+            hidden = hidden + extra.to(hidden.dtype)
         gqa = self.heads != self.kv_heads
         for i, layer in enumerate(self.layers):
             x = layer.ln1(hidden)

@@ -49,6 +49,7 @@ class RsLvlmDecodeSteps:
         self._decoder: FusedDecoder | None = None
         self._spliced_mask: torch.Tensor | None = None
         self._generated = torch.empty(self.input_ids.shape[0], 0, dtype=torch.long, device=device)
+        self._object_embeds: torch.Tensor | None = None
 
     @property
     def pad_id(self) -> int:
@@ -71,6 +72,7 @@ class RsLvlmDecodeSteps:
                            (out.detections.boxes.float().cpu(), out.detections.scores.float().cpu(),
                             out.detections.classes.cpu()))
         self._spliced_mask, self._cache = out.attention_mask, out.past_key_values
+        self._object_embeds = out.object_embeds          # reference feedback in the steps
         if self.use_cache and self.fast and not self.model.training and self.max_new_tokens > 1:
             self._decoder = FusedDecoder(self.model, self.input_ids.shape[0],
                                          capacity=self._spliced_mask.shape[1] + self.max_new_tokens, int8=self.int8)
@@ -91,6 +93,10 @@ class RsLvlmDecodeSteps:
         if self.detections is None or start is None:
             return logits
         _, scores, classes = self.detections
+        if self.model.config.count_references:     # count token c: an always-valid "detection" of class c
+            n = int(self.model.config.num_object_classes)
+            scores = torch.cat([scores, scores.new_ones(scores.shape[0], n)], dim=1)
+            classes = torch.cat([classes, torch.arange(n, dtype=classes.dtype).expand(classes.shape[0], n)], dim=1)
         phrase = None
         if self.reference_class is not None:
             phrase = [self.reference_class(i, row.tolist()) for i, row in enumerate(self._generated)]
@@ -100,10 +106,13 @@ class RsLvlmDecodeSteps:
         self._generated = torch.cat([self._generated, tokens[:, None]], dim=1)
         self._spliced_mask = torch.cat([self._spliced_mask, alive.long()[:, None]], dim=1)
         if self._decoder is not None:
-            return self._decoder.step(tokens, self._spliced_mask)
+            extra = None
+            if self._object_embeds is not None:
+                extra = self.model.reference_feedback(tokens[:, None], self._object_embeds)[:, 0]
+            return self._decoder.step(tokens, self._spliced_mask, extra)
         if self.use_cache:
             out = self.model(None, tokens[:, None], self._spliced_mask, past_key_values=self._cache,
-                             use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, object_embeds=self._object_embeds)
             self._cache = out.past_key_values
             return out.logits[:, -1]
         steps = self._generated.shape[1]

@@ -64,6 +64,7 @@ class RsLvlmOutput:
     labels: torch.Tensor | None = None                     # (B, L_full) after splicing
     detection_loss: torch.Tensor | None = None
     detections: Detections | None = None
+    object_embeds: torch.Tensor | None = None              # (B, N_obj, H) object-level tokens
 
 
 class RsLvlmForConditionalGeneration(nn.Module):
@@ -93,6 +94,8 @@ class RsLvlmForConditionalGeneration(nn.Module):
             self.grid_hint_x = nn.Parameter(torch.ones(config.hidden_size))
             self.grid_hint_y = nn.Parameter(torch.ones(config.hidden_size) * torch.tensor([1.0, -1.0]).repeat(
                 (config.hidden_size + 1) // 2)[:config.hidden_size])
+        if config.reference_feedback:
+            self.reference_feedback_gate = nn.Parameter(torch.zeros(config.hidden_size))
         if config.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.init_weights()
@@ -159,6 +162,8 @@ class RsLvlmForConditionalGeneration(nn.Module):
         if self.sam is not None:
             self.sam.init_identity()
             self.sam.logit_scale.fill_(math.log(1.0 / self.config.retrieval_temperature))
+        if self.config.reference_feedback:     # starts as the model without it (continued runs)
+            self.reference_feedback_gate.zero_()
 
     # ---- bookkeeping -----------------------------------------------------------------------
     @property
@@ -277,6 +282,7 @@ class RsLvlmForConditionalGeneration(nn.Module):
         position_ids: torch.Tensor | None = None,
         detection_targets: DetectionTargets | None = None,
         slot_boxes: torch.Tensor | None = None,            # (B, S, 4) boxes of <obj i> slots
+        object_embeds: torch.Tensor | None = None,         # (B, N_obj, H) of the prefill, for steps
     ) -> RsLvlmOutput:
         if input_ids is None:
             raise ValueError("input_ids are required")
@@ -295,6 +301,10 @@ class RsLvlmForConditionalGeneration(nn.Module):
                 input_ids, labels = assign_references(input_ids, labels, slot_boxes, visual.detections,
                                                       self.config.object_token_start)
         embeds = self.language_model.embed_tokens(input_ids)                   # (B, T, H)
+        if visual is not None:
+            object_embeds = visual.embeds[:, :self.config.level_token_counts()[0]]
+        if self.config.reference_feedback and object_embeds is not None:
+            embeds = embeds + self.reference_feedback(input_ids, object_embeds).to(embeds.dtype)
         if visual is not None:
             embeds, token_levels, cur_mask, labels = self._splice(input_ids, embeds, visual, cur_mask, labels)
         attention_mask = torch.cat([past_mask, cur_mask], dim=1)
@@ -320,7 +330,23 @@ class RsLvlmForConditionalGeneration(nn.Module):
             losses.append(self.config.detection_loss_weight * det_loss)
         loss = sum(losses[1:], losses[0]) if losses else None
         return RsLvlmOutput(loss, lm_loss, retrieval_loss, logits, retrieved, cache, attention_mask, labels,
-                            det_loss, visual.detections if visual is not None else None)
+                            det_loss, visual.detections if visual is not None else None,
+                            object_embeds if self.config.reference_feedback else None)
+
+    def reference_feedback(self, input_ids: torch.Tensor, object_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) to add to the embeddings of ``input_ids`` (B, T): at each reference token
+        ``<obj k>`` the gated object-level token k of ``object_embeds`` (B, N_obj, H), zero
+        elsewhere.  Why: a pointer network feeds the pointed-at item back as the next input; the
+        small LM that learnt to point at the right object still read its colour or count wrongly
+        (right word 0.38 given the right box), because reading needed a second attention hop."""
+        start = self.config.object_token_start
+        n, h = object_embeds.shape[1], object_embeds.shape[-1]
+        if start is None:
+            return object_embeds.new_zeros(*input_ids.shape, h)
+        rel = input_ids - start
+        is_ref = (rel >= 0) & (rel < n)                                           # (B, T)
+        picked = object_embeds.gather(1, rel.clamp(0, n - 1)[..., None].expand(-1, -1, h))
+        return self.reference_feedback_gate * picked * is_ref[..., None]
 
     def _splice(
         self,

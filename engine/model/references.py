@@ -11,7 +11,9 @@ georeferencing downstream are unchanged, and the box's score is the detection's 
 Training writes the reference of each annotated box as a *slot* token (``<obj i>`` = the i-th
 annotated box of the sample, see :func:`encode_reference_answer`); once the detections of the
 batch are known, :func:`assign_references` rewrites every slot to the detection that matches its
-box best (IoU), and ignores it in the loss when no detection matches.
+box best (IoU), and ignores it in the loss when no detection matches.  A slot may also name the
+*count token* of a class (:func:`count_slot_box`): a counting answer ``<obj K+c> 3`` points at the
+object-level token that carries class c's count (K detections come first).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from .detector import Detections, box_iou_matrix
 
 __all__ = ["REFERENCE_RE", "reference_token", "assign_references", "resolve_references", "ResolvedBox",
            "MIN_MATCH_IOU", "constrain_references", "MIN_REFERENCE_SCORE", "phrase_class",
-           "sole_named_class"]
+           "sole_named_class", "count_slot_box"]
 
 REFERENCE_RE = re.compile(r"<obj(\d+)>")
 MIN_MATCH_IOU = 0.3
@@ -42,6 +44,12 @@ def reference_token(k: int) -> str:
     return f"<obj{k}>"
 
 
+def count_slot_box(class_index: int) -> list[float]:
+    """The slot box that stands for class ``class_index``'s count token (a marker below the
+    padding value -1, never a real box): :func:`assign_references` maps it to ``<obj K+c>``."""
+    return [-2.0 - class_index] * 4
+
+
 def assign_references(input_ids: torch.Tensor, labels: torch.Tensor | None, slot_boxes: torch.Tensor,
                       detections: Detections, object_token_start: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Rewrite slot tokens to detection references.
@@ -56,6 +64,10 @@ def assign_references(input_ids: torch.Tensor, labels: torch.Tensor | None, slot
     iou = box_iou_matrix(slot_boxes.to(detections.boxes.dtype), detections.boxes)   # (B, S, K)
     best_iou, best = iou.max(dim=-1)                                              # (B, S)
     valid = (slot_boxes[..., 0] >= 0) & (best_iou >= MIN_MATCH_IOU)
+    is_count = slot_boxes[..., 0] < -1.5                                          # count-token slots
+    count_class = (-slot_boxes[..., 0] - 2).round().long().clamp(min=0)
+    best = torch.where(is_count.to(best.device), detections.boxes.shape[1] + count_class.to(best.device), best)
+    valid = valid | is_count
     slot = input_ids - object_token_start                                         # (B, T)
     is_slot = (slot >= 0) & (slot < s)
     idx = slot.clamp(0, s - 1)

@@ -97,3 +97,25 @@ def test_an_earlier_answer_with_boxes_enters_the_prompt_as_the_analyst_read_it()
     assert build_prompt("vqa", "What colour is the airplane?", [raw]) == \
         build_prompt("vqa", "What colour is the airplane?", [read])
     assert "2 airplanes" in build_prompt("vqa", "What colour is the airplane?", [raw])
+
+
+def test_with_count_references_counting_answers_point_at_the_count_token_of_the_asked_class():
+    from engine.model.references import count_slot_box
+
+    stream = SampleStream(5, 100, 64, task_mix={"vqa": 2}, vqa_qtypes=("counting",))
+    counting = [s for s in itertools.islice(iter(stream), 40) if s.qtype in ("counting", "comparison")][:6]
+    tokenizer = build_tokenizer([s.answer for s in counting] + [s.question for s in counting], vocab_size=600)
+    config = RsLvlmConfig(image_size=64, vision_backbone="centernet", vocab_size=len(tokenizer),
+                          class_count_tokens=True, count_references=True,
+                          object_classes=("airplane", "ship", "storage tank", "vehicle", "building", "tennis court",
+                                          "bridge", "swimming pool"))
+    batch = Collator(tokenizer, config, KnowledgeBase.load(DEFAULT_INDEX_DIR), SentenceEncoder())(counting)
+    obj0 = tokenizer.convert_tokens_to_ids("<obj0>")
+    for row, s in enumerate(counting):
+        asked = s.meta["count_classes"]
+        assert asked and s.question.lower().find(asked[0]) <= s.question.lower().find(asked[-1])
+        labels = [t for t in batch["labels"][row].tolist() if t != -100]
+        assert labels[0] == obj0                                       # the pointer comes first
+        assert tokenizer.decode(labels, skip_special_tokens=True).split()[-1] == s.answer
+        expected = [count_slot_box(config.object_classes.index(c)) for c in asked]
+        assert batch["slot_boxes"][row, :len(asked)].tolist() == expected

@@ -98,3 +98,44 @@ def test_the_first_generated_token_already_follows_the_reference_grammar():
     start = model.config.object_token_start
     allowed = torch.isfinite(logits[0, start:start + 4])
     assert allowed.tolist() == (scores[0] >= MIN_REFERENCE_SCORE).tolist()
+
+
+def test_reference_feedback_adds_the_named_object_token_to_a_reference_and_nothing_elsewhere():
+    model = small_object_model(reference_feedback=True).eval()
+    torch.nn.init.normal_(model.reference_feedback_gate)
+    start = model.config.object_token_start
+    objects = torch.randn(1, 4, model.config.hidden_size)
+    extra = model.reference_feedback(torch.tensor([[5, start + 2, 6]]), objects)
+    torch.testing.assert_close(extra[0, 1], model.reference_feedback_gate * objects[0, 2])
+    assert not extra[0, 0].any() and not extra[0, 2].any()
+
+
+def test_reference_feedback_starts_switched_off_so_a_continued_model_answers_as_before():
+    plain = small_object_model().eval()
+    fed = small_object_model(reference_feedback=True).eval()
+    fed.load_state_dict(plain.state_dict(), strict=False)
+    ids, mask = prompt_batch(plain.config, [6])
+    start = plain.config.object_token_start
+    ids = torch.cat([ids, torch.tensor([[start + 1]])], dim=1)
+    mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fed(pixels, ids, mask).logits, plain(pixels, ids, mask).logits)
+
+
+def test_with_reference_feedback_cached_fused_and_uncached_decoding_agree():
+    model = small_object_model(reference_feedback=True).eval()
+    torch.nn.init.normal_(model.reference_feedback_gate, std=3.0)
+    start = model.config.object_token_start
+    ids, mask = prompt_batch(model.config, [6])
+    pixels = torch.randn(1, 3, 32, 32)
+    logits = []
+    for fast, use_cache in ((True, True), (False, True), (False, False)):
+        steps = RsLvlmDecodeSteps(model, pixels, ids, mask, max_new_tokens=4, use_cache=use_cache, fast=fast)
+        steps.prefill()
+        out = [steps.step(torch.tensor([t]), torch.ones(1, dtype=torch.bool)) for t in (start, 7, start + 2)]
+        logits.append(torch.stack(out))
+    finite = torch.isfinite(logits[0])
+    for other in logits[1:]:
+        assert torch.equal(torch.isfinite(other), finite)
+        torch.testing.assert_close(other[finite], logits[0][finite], rtol=1e-4, atol=1e-4)

@@ -79,3 +79,18 @@ def test_a_vqa_question_naming_one_class_fixes_the_class_of_its_evidence_referen
 def test_a_resolved_reference_keeps_its_detections_class():
     text, found = resolve_references("<obj1> red", [[0, 0, 0.1, 0.1], [0.2, 0.3, 0.4, 0.5]], [0.9, 0.7], [4, 1])
     assert text == "{<20><30><40><50>|0} red" and found[0].cls == 1
+
+
+def test_a_count_slot_points_at_the_count_token_of_its_class_after_the_detections():
+    from engine.model.references import count_slot_box
+
+    det = detections([[0.6, 0.6, 0.8, 0.8], [0.1, 0.1, 0.2, 0.2]])          # K = 2 detection tokens
+    ids = torch.tensor([[START + 0, 9, START + 1]])
+    slot_boxes = torch.tensor([[count_slot_box(3), [0.1, 0.1, 0.2, 0.2]]])
+    new_ids, new_labels = assign_references(ids, ids.clone(), slot_boxes, det, START)
+    assert new_ids.tolist() == new_labels.tolist() == [[START + 2 + 3, 9, START + 1]]
+
+
+def test_a_reference_past_the_detections_leaves_no_box_and_no_text():
+    text, found = resolve_references("<obj5> 3", [[0.1, 0.1, 0.2, 0.2]], [0.9])     # a count token
+    assert (text.strip(), found) == ("3", [])
