@@ -28,13 +28,14 @@ def _add_ask(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("ask", help="answer one question about a raster region; prints the result JSON")
     add_arguments(p, ASK_FIELDS)
+    _add_knowledge(p)
 
 
 def _run_ask(args: argparse.Namespace) -> int:
     from .protocol.schema import ASK_FIELDS, params_from_args
     from .service import EngineService
 
-    result = EngineService().ask(params_from_args(args, ASK_FIELDS))
+    result = EngineService(knowledge_dir=args.knowledge).ask(params_from_args(args, ASK_FIELDS))
     print(json.dumps(result, ensure_ascii=False))
     return 0
 
@@ -48,6 +49,13 @@ def _add_scan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run the batches on Ray: a local cluster, or the cluster at ADDRESS (docs/scale.md)")
     p.add_argument("--ray-workers", type=int, help="model actors on Ray (default: one per GPU, else per CPU)")
+    _add_knowledge(p)
+
+
+def _add_knowledge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--knowledge", metavar="DIR", default=None,
+                   help="knowledge index to retrieve from instead of the model's own (one rebuilt with "
+                        "build-knowledge --entries; the plugin passes the profile's)")
 
 
 def _run_scan(args: argparse.Namespace) -> int:
@@ -60,7 +68,8 @@ def _run_scan(args: argparse.Namespace) -> int:
         params["ray"] = args.ray or True
     if args.ray_workers is not None:
         params["ray_workers"] = args.ray_workers
-    print(json.dumps(run_scan(params, SilentContext(), EngineService()), ensure_ascii=False))
+    print(json.dumps(run_scan(params, SilentContext(), EngineService(knowledge_dir=args.knowledge)),
+                     ensure_ascii=False))
     return 0
 
 
@@ -69,7 +78,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .scan import scan_handler
     from .service import EngineService
 
-    service = EngineService(default_model=args.model, default_device=args.device)
+    service = EngineService(default_model=args.model, default_device=args.device, knowledge_dir=args.knowledge)
     handlers = {"info": service.info, "ask": service.ask, "scan": scan_handler(service)}     # ping, cancel, shutdown: the server's own
     return ProtocolServer(handlers).serve_forever()
 
@@ -77,7 +86,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 def _run_info(args: argparse.Namespace) -> int:
     from .service import EngineService
 
-    result = EngineService(default_model=args.model, default_device=args.device).info({})
+    result = EngineService(default_model=args.model, default_device=args.device,
+                           knowledge_dir=args.knowledge).info({})
     print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0
 
@@ -125,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", help="checkpoint folder (default: the embedded model)")
         p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+        _add_knowledge(p)
     for name in DELEGATED:
         sub.add_parser(name, help=f"see python -m engine {name} --help", add_help=False)
     args = parser.parse_args(argv)

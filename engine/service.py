@@ -77,9 +77,12 @@ def require_model_dir(model_dir: Path) -> None:
 class EngineService:
     """Keeps one model loaded per (folder, device) and answers ``info`` and ``ask``."""
 
-    def __init__(self, default_model: str | Path | None = None, default_device: str = "auto") -> None:
+    def __init__(self, default_model: str | Path | None = None, default_device: str = "auto",
+                 knowledge_dir: str | Path | None = None) -> None:
         self.default_model = Path(default_model) if default_model else DEFAULT_MODEL_DIR
         self.default_device = default_device
+        # the analyst's rebuilt knowledge index (serve --knowledge), used instead of the checkpoint's
+        self.knowledge_dir = Path(knowledge_dir) if knowledge_dir else None
         self._pipeline: Any = None
         self._pipeline_key: tuple | None = None
         self.started = time.time()
@@ -114,8 +117,10 @@ class EngineService:
             from .backends import load_pipeline
 
             t0 = time.perf_counter()
-            self._pipeline = load_pipeline(model_dir, device=resolved, backend=backend,
-                                           **({"dtype": dtype} if dtype else {}))
+            options = {"dtype": dtype} if dtype else {}
+            if self.knowledge_dir is not None:
+                options["knowledge_dir"] = self.knowledge_dir
+            self._pipeline = load_pipeline(model_dir, device=resolved, backend=backend, **options)
             self._pipeline_key = key
             log.info("model %s loaded on %s in %.2f s", model_dir, resolved, time.perf_counter() - t0)
         if int8_decode or getattr(self._pipeline, "int8_decode", False):

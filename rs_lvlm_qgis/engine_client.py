@@ -118,8 +118,12 @@ class EngineClient(QObject):
     def __init__(self, python_resolver: Callable[[], Optional[str]],
                  engine_root: Optional[Path] = None, max_restarts: int = 3,
                  parent: Optional[QObject] = None, *, ping_interval_s: float = 10.0,
-                 ping_timeout_s: float = 30.0, cancel_grace_s: float = 120.0) -> None:
+                 ping_timeout_s: float = 30.0, cancel_grace_s: float = 120.0,
+                 serve_arguments: Optional[Callable[[], List[str]]] = None) -> None:
         super().__init__(parent)
+        # extra ``serve`` arguments, read at each start (a rebuilt knowledge index, see settings)
+        self._serve_arguments = serve_arguments or (lambda: [])
+        self._restart_when_idle = False
         self.ping_interval_s = ping_interval_s
         self.ping_timeout_s = ping_timeout_s
         self.cancel_grace_s = cancel_grace_s
@@ -199,6 +203,17 @@ class EngineClient(QObject):
             return
         self._send_cancel(req.id)
 
+    def restart_when_idle(self) -> None:
+        """Let the next request start a fresh engine, which reads its arguments again (the
+        knowledge index just rebuilt); a request in flight finishes first, nothing is lost."""
+        if not self.is_running():
+            return
+        if self._pending:
+            self._restart_when_idle = True
+            self._timer.start()
+        else:
+            self.stop()
+
     def stop(self, wait_ms: int = 3000) -> None:
         """Shut the engine down politely, killing it if it does not exit in ``wait_ms``.
         Blocks for at most ``wait_ms``; only called when the plugin unloads."""
@@ -227,7 +242,8 @@ class EngineClient(QObject):
             return False
         proc = QProcess(self)
         proc.setProgram(python)
-        proc.setArguments(["-m", "engine", "serve"])
+        proc.setArguments(["-m", "engine", "serve", *self._serve_arguments()])
+        self._restart_when_idle = False
         proc.setWorkingDirectory(str(self._engine_root))
         proc.setProcessEnvironment(
             child_environment(QProcessEnvironment.systemEnvironment(), self._engine_root))
@@ -438,6 +454,9 @@ class EngineClient(QObject):
         for req in [r for r in self._pending.values() if r.deadline < now]:
             self._drop(req, TIMEOUT, f"The engine did not answer within {req.timeout_s:.0f} s.")
         self._check_health(now)
+        if not self._pending and self._restart_when_idle:
+            self._restart_when_idle = False
+            self.stop()
         if not self._pending and not self._cancelled and self._ping is None:
             self._timer.stop()
 

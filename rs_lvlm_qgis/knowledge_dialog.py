@@ -224,6 +224,9 @@ class KnowledgeDialog(QDialog):
             return
         if task.error:
             self.statusLabel.setText("Rebuild failed: " + task.error)
-        else:
-            self.statusLabel.setText(f"Index rebuilt: {task.result.get('count')} entries in "
-                                     f"{task.result.get('out')}.")
+            return
+        client = getattr(self.parent(), "client", None)
+        if client is not None and hasattr(client, "restart_when_idle"):
+            client.restart_when_idle()          # the engine reads the new index at its next start
+        self.statusLabel.setText(f"Index rebuilt: {task.result.get('count')} entries in "
+                                 f"{task.result.get('out')}; the next question retrieves from it.")

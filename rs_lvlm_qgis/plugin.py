@@ -83,7 +83,8 @@ class RsLvlmPlugin:
     def engine_client(self) -> EngineClient:
         """The shared engine client (created on first use; the process starts on first request)."""
         if self.client is None:
-            self.client = EngineClient(settings.resolve_engine_python)
+            self.client = EngineClient(settings.resolve_engine_python,
+                                       serve_arguments=settings.engine_serve_arguments)
         return self.client
 
     def show_dock(self) -> RsLvlmDock:

@@ -212,6 +212,13 @@ def user_knowledge_index() -> Path:
     return user_knowledge_file().parent / "index"
 
 
+def engine_serve_arguments() -> List[str]:
+    """Extra arguments of ``python -m engine serve``: the analyst's rebuilt knowledge index,
+    once there is one, replaces the checkpoint's (the engine says in ``info`` which it uses)."""
+    index = user_knowledge_index()
+    return ["--knowledge", str(index)] if (index / "index.faiss").is_file() else []
+
+
 def keep_in_project() -> bool:
     """Whether result layers are stored in the project's GeoPackage automatically."""
     return str(QgsSettings().value(KEY_KEEP_IN_PROJECT, "false")).lower() in ("true", "1")

@@ -110,7 +110,8 @@ def backend_for(model_dir: Path | str) -> str:
 def load_pipeline(model_dir: Path | str, device: str = "cpu", backend: str = "auto", **options: Any) -> Any:
     """Load the pipeline for a checkpoint folder on ``device`` ("cpu" or "cuda").
 
-    ``options`` go to the backend's ``load`` (``dtype``, ``quantization`` for LLaVA).  ``backend``
+    ``options`` go to the backend's ``load`` (``dtype``, ``quantization`` for LLaVA;
+    ``knowledge_dir``, a knowledge index replacing the checkpoint's, for the embedded family).  ``backend``
     chooses the engine for LLaVA folders (engine.backends.vllm_engine.choose_backend); when vLLM
     was asked for and cannot run, the pipeline's ``load_warnings`` says why.
     """
@@ -118,6 +119,7 @@ def load_pipeline(model_dir: Path | str, device: str = "cpu", backend: str = "au
 
     model_dir = Path(model_dir)
     family = backend_for(model_dir)
+    knowledge_dir = options.pop("knowledge_dir", None)
     engine, warning = choose_backend(backend, family, device)
     if engine == "vllm" and "rs_lvlm_adapter" in read_config(model_dir):
         engine, warning = "transformers", ("vLLM not used, answering with transformers: the model is a LoRA "
@@ -133,6 +135,9 @@ def load_pipeline(model_dir: Path | str, device: str = "cpu", backend: str = "au
     else:
         from engine.backends.rs_lvlm import RsLvlmPipeline
 
-        pipeline = RsLvlmPipeline.load(model_dir, device=device, **options)
+        pipeline = RsLvlmPipeline.load(model_dir, device=device, knowledge_dir=knowledge_dir, **options)
     pipeline.load_warnings = [warning] if warning else []
+    if knowledge_dir and family != "rs_lvlm":
+        pipeline.load_warnings.append(f"the knowledge index {knowledge_dir} is not used: a LLaVA-family model "
+                                      "has no Semantic Augmentation Module to retrieve with")
     return pipeline

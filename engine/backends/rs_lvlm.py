@@ -34,14 +34,14 @@ def generate(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attenti
     ``first_reference_class[row]``: the class an answer's opening reference must have when no
     phrase of the answer names one (a VQA answer pointing at the object its question names)."""
     from engine.model.generation import RsLvlmDecodeSteps
+    from engine.model.references import object_class_names, phrase_class
 
     steps = RsLvlmDecodeSteps(model, pixel_values, input_ids, attention_mask, question_embeds,
                               max_new_tokens=max_new_tokens, use_cache=use_cache, retriever=retriever,
                               fast=fast, int8=int8)
-    names = tuple(getattr(model.config, "object_classes", ()) or ())
-    if tokenizer is not None and names:
-        from engine.model.references import phrase_class
 
+    names = object_class_names(model.config)
+    if tokenizer is not None and names:
         start = getattr(model.config, "object_token_start", None)
 
         def reference_class(row: int, tokens: list[int]) -> int | None:
@@ -77,7 +77,11 @@ class RsLvlmPipeline:
         self.int8_decode = False           # decode with int8 matrices (CPU; see fast_decode.py)
 
     @classmethod
-    def load(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | str | None = None) -> "RsLvlmPipeline":
+    def load(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | str | None = None,
+             knowledge_dir: Path | str | None = None) -> "RsLvlmPipeline":
+        """``knowledge_dir``: a knowledge index to retrieve from instead of the checkpoint's own
+        (the analyst's, rebuilt with their entries by ``build-knowledge``; the shipped entries
+        come first in it, so the model's trained retrieval still finds them)."""
         from engine.knowledge import KnowledgeBase, SentenceEncoder
         from engine.model.checkpoint import load_checkpoint
 
@@ -85,8 +89,10 @@ class RsLvlmPipeline:
         if dtype is None and device == "cuda":
             dtype = torch.bfloat16
         with checkpoint_errors():
-            kdir = model_dir / "knowledge"
-            knowledge = KnowledgeBase.load(kdir, device=device) if (kdir / "index.faiss").is_file() else None
+            kdir = Path(knowledge_dir) if knowledge_dir else model_dir / "knowledge"
+            # an index asked for must be whole (KnowledgeBase.load says what is wrong with it)
+            knowledge = (KnowledgeBase.load(kdir, device=device)
+                         if knowledge_dir or (kdir / "index.faiss").is_file() else None)
             arrays = None if knowledge is None else (knowledge.embeddings, knowledge.level_ids)
             loaded = load_checkpoint(model_dir, device=device, dtype=dtype, knowledge=arrays)  # the folder read once
             if knowledge is None:
@@ -104,6 +110,7 @@ class RsLvlmPipeline:
                 "parameters_total": counts.get("total"), "image_size": self.image_size,
                 "use_sam": bool(self.config.use_sam), "use_experts": bool(self.config.use_experts),
                 "knowledge_entries": int(len(self.knowledge.level_ids)),
+                "knowledge_index": str(self.knowledge.index_dir),
                 "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
                 "int8_decode": self.int8_decode}
 
@@ -141,7 +148,7 @@ class RsLvlmPipeline:
         ``history`` holds earlier ``{"question", "answer"}`` turns on the same region."""
         from engine.model.image_processing import preprocess_images
         from engine.model.prompts import build_prompt, default_question
-        from engine.model.references import REFERENCE_RE, resolve_references
+        from engine.model.references import REFERENCE_RE, object_class_names, resolve_references, sole_named_class
 
         t0 = time.perf_counter()
         asked = split_task_token(question)[1] or default_question(task)
@@ -161,10 +168,8 @@ class RsLvlmPipeline:
                 on_token(i, REFERENCE_RE.sub("", piece))     # a reference is shown as its box, at the end
 
         first_class = None
-        names = tuple(getattr(self.config, "object_classes", ()) or ())
+        names = object_class_names(self.config)
         if task == "vqa" and names:
-            from engine.model.references import sole_named_class
-
             first_class = [sole_named_class(asked, names)] * len(images)
         result = generate(self.model, pixel_values, input_ids, attention, q_embeds, max_new_tokens=max_new_tokens,
                           do_sample=do_sample, temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
@@ -180,6 +185,7 @@ class RsLvlmPipeline:
                 # Grounding by reference: <obj k> -> detection k's box text; its score is the box's.
                 text, referenced = resolve_references(text, detections[0][i].tolist(), detections[1][i].tolist(),
                                                       detections[2][i].tolist())
+                text = text.strip()
             boxes = parse_boxes(text) if task == "ground" or "{<" in text else []
             if referenced is not None and len(referenced) == len(boxes):
                 scores = [r.score for r in referenced]

@@ -38,6 +38,7 @@ region much larger than the chip, or a few source pixels blown up) is a warning,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import operator
@@ -71,7 +72,7 @@ from engine.geo.chip import Chip
 from engine.geo.georef import geometry_is_finite, parse_crs, transform_geometry
 from engine.geo.sources import check_source, open_raster, read_errors
 
-__all__ = ["Chip", "read_chip"]
+__all__ = ["Chip", "read_chip", "RasterArea", "region_window"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,37 @@ def read_chip(raster: str | Path, *, bbox: Sequence[float] | None = None,
                 scale=float(scale), warnings=notes, raster_path=str(path),
                 raster_transform=raster_tf, source_window=win, bands=list(band_idx),
                 stretch=ranges)
+
+
+@dataclasses.dataclass
+class RasterArea:
+    """Where an area lies in a raster, for callers that lay their own reads over it (tiling)."""
+
+    path: Path | str
+    crs: CRS | None
+    transform: Affine
+    width: int                        # the raster's, in pixels
+    height: int
+    region: BaseGeometry | None       # the area clipped to the raster, raster CRS; None = whole raster
+    window: tuple[int, int, int, int]  # col_off, row_off, width, height of the area's pixels
+    notes: list[str]
+
+
+def region_window(raster: str | Path, *, bbox: Sequence[float] | None = None, bbox_crs: str | None = None,
+                  region_wkt: str | None = None, region_crs: str | None = None) -> RasterArea:
+    """Validate ``raster`` and the area as :func:`read_chip` does (same coded errors) and return
+    its pixel window without reading pixels; with no area, the whole raster."""
+    path = _check_path(raster)
+    notes: list[str] = []
+    with _open(path) as ds, read_errors(path), _geometry_errors():
+        _check_georef(ds, notes)
+        if bbox is None and region_wkt is None:
+            region, window = None, (0, 0, ds.width, ds.height)
+        else:
+            _, region, _ = _region_in_raster(ds, bbox, bbox_crs, region_wkt, region_crs)
+            win = _pixel_window(ds, region)
+            window = (int(win.col_off), int(win.row_off), int(win.width), int(win.height))
+        return RasterArea(path, ds.crs, ds.transform, ds.width, ds.height, region, window, notes)
 
 
 # --------------------------------------------------------------------------- inputs

@@ -27,9 +27,10 @@ from .detector import Detections, box_iou_matrix
 
 __all__ = ["REFERENCE_RE", "reference_token", "assign_references", "resolve_references", "ResolvedBox",
            "MIN_MATCH_IOU", "constrain_references", "MIN_REFERENCE_SCORE", "phrase_class",
-           "sole_named_class", "count_slot_box"]
+           "sole_named_class", "count_slot_box", "object_class_names"]
 
 REFERENCE_RE = re.compile(r"<obj(\d+)>")
+_JOINED_REFERENCE_RE = re.compile(r"(\s+and\s+)?<obj(\d+)>")
 MIN_MATCH_IOU = 0.3
 """A slot whose best detection overlaps its box less than this is not taught (the detector
 missed the object; teaching an arbitrary pointer would only add noise)."""
@@ -95,20 +96,27 @@ def resolve_references(text: str, boxes: list[list[float]], scores: list[float],
                        classes: list[int] | None = None) -> tuple[str, list[ResolvedBox]]:
     """Replace each ``<obj k>`` in ``text`` by detection k's box text (``boxes[k]`` normalised
     x1, y1, x2, y2; ``scores[k]`` its score, ``classes[k]`` its class); a reference past the
-    detections is dropped.  Returns the rewritten text and the referenced boxes in order of
-    appearance."""
+    detections (a count token's, ``<obj K+c>``) is dropped with the "and" joining it to the one
+    before ("<obj17> and <obj19> yes" -> " yes").  Returns the rewritten text and the referenced
+    boxes in order of appearance."""
     found: list[ResolvedBox] = []
 
     def repl(m: re.Match) -> str:
-        k = int(m.group(1))
+        k = int(m.group(2))
         if k >= len(boxes):
             return ""
         x1, y1, x2, y2 = (float(v) * GRID_MAX for v in boxes[k])
         box = GridBox(x1, y1, x2, y2, 0.0)
         found.append(ResolvedBox(box, float(scores[k]), None if classes is None else int(classes[k])))
-        return format_box(box)
+        return (m.group(1) or "") + format_box(box)
 
-    return REFERENCE_RE.sub(repl, text), found
+    return _JOINED_REFERENCE_RE.sub(repl, text), found
+
+
+def object_class_names(config) -> tuple[str, ...]:
+    """The detector's class names of a model config (empty for a model without a detector):
+    what reference classes are checked against and evidence boxes are labelled with."""
+    return tuple(getattr(config, "object_classes", ()) or ())
 
 
 def phrase_class(text: str, class_names: tuple[str, ...]) -> int | None:

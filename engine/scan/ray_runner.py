@@ -49,7 +49,8 @@ class TileModelActor:
         torch.set_num_threads(max(1, int(cfg["threads"])))
         self.plan = TilePlan.from_worker_view(cfg["plan"])
         self.spec = InferenceSpec(**cfg["spec"])
-        service = EngineService(default_model=cfg["model"], default_device=cfg["device"])
+        service = EngineService(default_model=cfg["model"], default_device=cfg["device"],
+                                knowledge_dir=cfg.get("knowledge"))
         self.pipeline = service.pipeline(cfg["model"], cfg["device"], cfg["precision"], cfg["backend"])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -80,8 +81,9 @@ def _connect(address: str) -> Any:
 
 
 def ray_results(plan: TilePlan, chunks: Sequence[Sequence[Tile]], spec: Any, request: Any,
-                model_dir: Path) -> Iterator[list]:
-    """Yield each batch's TileResults as the actors finish them (in any order)."""
+                model_dir: Path, knowledge_dir: Path | None = None) -> Iterator[list]:
+    """Yield each batch's TileResults as the actors finish them (in any order); the actors
+    retrieve from ``knowledge_dir`` when the engine was given one (serve --knowledge)."""
     from dataclasses import asdict
 
     from .runner import TileResult
@@ -108,7 +110,8 @@ def ray_results(plan: TilePlan, chunks: Sequence[Sequence[Tile]], spec: Any, req
     config = json.dumps({"plan": plan.worker_view(), "spec": asdict(spec), "threads": threads,
                          "model": str(Path(model_dir).resolve()),
                          "device": "cuda" if gpus else "cpu", "precision": request.precision,
-                         "backend": request.backend})
+                         "backend": request.backend,
+                         "knowledge": str(Path(knowledge_dir).resolve()) if knowledge_dir else None})
     rows = [{"chunk": json.dumps([t.to_dict() for t in chunk])} for chunk in chunks]
     log.info("ray: %d batches on %d actor(s) (%s, %d thread(s) each)", len(rows), workers,
              "1 GPU" if gpus else "CPU", threads)

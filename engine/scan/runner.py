@@ -171,7 +171,7 @@ def run_scan(params: dict, context: Any, service: Any) -> dict:
         if p.ray is not None and todo:
             from .ray_runner import ray_results
 
-            stream = ray_results(plan, todo, spec, p, model_dir)
+            stream = ray_results(plan, todo, spec, p, model_dir, getattr(service, "knowledge_dir", None))
         else:
             stream = local_results(pipeline, plan, todo, spec, context.should_stop)
         tiles_by_id = {t.id: t for t in plan.tiles}

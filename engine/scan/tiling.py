@@ -34,8 +34,7 @@ from shapely.geometry.base import BaseGeometry
 
 from engine.errors import BAD_REQUEST, EMPTY_REGION, EngineError
 from engine.geo.georef import chip_boxes_to_polygons
-from engine.geo.window import (Chip, _check_georef, _check_path, _open, _pixel_window,
-                               _region_in_raster, read_chip)
+from engine.geo.window import Chip, read_chip, region_window
 
 __all__ = ["Tile", "TilePlan", "plan_tiles", "read_tile", "shared_stretch", "default_tile_px", "axis_tiles"]
 
@@ -150,20 +149,11 @@ def plan_tiles(raster: str, *, tile_px: int | None, overlap_px: int | None, mode
 
     ``default_overlap`` is the overlap as a fraction of the tile when ``overlap_px`` is None.
     """
-    path = _check_path(raster)
-    notes: list[str] = []
-    ds = _open(path)
-    with ds:
-        _check_georef(ds, notes)
-        transform, crs, width, height = ds.transform, ds.crs, ds.width, ds.height
-        pixel_size = math.sqrt(abs(transform.a * transform.e - transform.b * transform.d)) or 1.0
-        if bbox is None and region_wkt is None:
-            region, col0, row0, cols_px, rows_px = None, 0, 0, width, height
-        else:
-            _, clipped, _ = _region_in_raster(ds, bbox, bbox_crs, region_wkt, region_crs)
-            win = _pixel_window(ds, clipped)
-            region = clipped
-            col0, row0, cols_px, rows_px = int(win.col_off), int(win.row_off), int(win.width), int(win.height)
+    area = region_window(raster, bbox=bbox, bbox_crs=bbox_crs, region_wkt=region_wkt, region_crs=region_crs)
+    path, notes, region = area.path, area.notes, area.region
+    transform, crs, width, height = area.transform, area.crs, area.width, area.height
+    pixel_size = math.sqrt(abs(transform.a * transform.e - transform.b * transform.d)) or 1.0
+    col0, row0, cols_px, rows_px = area.window
     if tile_px is None:
         tile_px, note = default_tile_px(model_dir, image_size, pixel_size, crs)
         if note:

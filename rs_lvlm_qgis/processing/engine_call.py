@@ -59,7 +59,8 @@ class EngineSession:
                 "RS_LVLM_ENGINE_PYTHON, or create the engine environment from the settings dialog.")
         if root is None:
             raise QgsProcessingException("The engine package was not found next to the plugin; reinstall it.")
-        self._proc = subprocess.Popen([python, "-m", "engine", "serve"], cwd=str(root), env=_environment(),
+        self._proc = subprocess.Popen([python, "-m", "engine", "serve", *settings.engine_serve_arguments()],
+                                      cwd=str(root), env=_environment(),
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._replies: "queue.Queue[Optional[dict]]" = queue.Queue()
         self._stderr: list = []

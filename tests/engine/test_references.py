@@ -94,3 +94,13 @@ def test_a_count_slot_points_at_the_count_token_of_its_class_after_the_detection
 def test_a_reference_past_the_detections_leaves_no_box_and_no_text():
     text, found = resolve_references("<obj5> 3", [[0.1, 0.1, 0.2, 0.2]], [0.9])     # a count token
     assert (text.strip(), found) == ("3", [])
+
+
+def test_count_references_of_a_comparison_leave_only_the_answer_word():
+    text, found = resolve_references("<obj17> and <obj19> yes", [[0.1, 0.1, 0.2, 0.2]], [0.9])
+    assert (text.strip(), found) == ("yes", [])
+
+
+def test_two_evidence_boxes_keep_the_and_between_them():
+    text, _ = resolve_references("<obj0> and <obj1> left", [[0.1, 0.1, 0.2, 0.2], [0.5, 0.5, 0.6, 0.6]], [0.9, 0.8])
+    assert text == "{<10><10><20><20>|0} and {<50><50><60><60>|0} left"

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ENGINE_PYTHON, REPO, needs_engine, wait_until
+from conftest import ENGINE_PYTHON, REPO, finished, needs_engine, needs_model, wait_until
 from qgis.core import QgsSettings, QgsTask
+from qgis.PyQt.QtWidgets import QWidget
 
 from rs_lvlm_qgis import settings
+from rs_lvlm_qgis.engine_client import EngineClient
 from rs_lvlm_qgis.knowledge_dialog import KnowledgeDialog
 
 SHIPPED = REPO / "resources" / "knowledge" / "entries.jsonl"
@@ -108,3 +110,35 @@ def test_rebuild_runs_the_engines_build_knowledge_with_the_users_entries(dialog,
     indexed = (settings.user_knowledge_index() / "entries.jsonl").read_text()
     assert "user.object.fish_farm" in indexed
     assert "Index rebuilt" in dialog.statusLabel.text()
+
+
+def test_the_engine_is_started_with_the_rebuilt_index_only_once_there_is_one(user_file):
+    assert settings.engine_serve_arguments() == []
+    index = settings.user_knowledge_index()
+    index.mkdir(parents=True)
+    (index / "index.faiss").write_bytes(b"")
+    assert settings.engine_serve_arguments() == ["--knowledge", str(index)]
+
+
+@needs_model
+def test_after_a_rebuild_the_next_question_retrieves_from_the_new_index(user_file):
+    client = EngineClient(lambda: str(ENGINE_PYTHON), serve_arguments=settings.engine_serve_arguments)
+    panel = QWidget()
+    panel.client = client                                   # what the dock offers its dialogs
+    dialog = KnowledgeDialog(panel)
+    try:
+        before = finished(client.request("info"), 300).result["model"]
+        assert before["knowledge_index"].endswith("knowledge")          # the checkpoint's own
+        _add(dialog)
+        task = dialog.rebuild(str(ENGINE_PYTHON))
+        assert wait_until(lambda: task.status() in (QgsTask.Complete, QgsTask.Terminated), 600)
+        assert task.status() == QgsTask.Complete, task.error
+        assert wait_until(lambda: not client.is_running(), 30)          # restarted when idle
+        after = finished(client.request("info"), 300).result["model"]
+        assert after["knowledge_index"] == str(settings.user_knowledge_index())
+        assert after["knowledge_entries"] == before["knowledge_entries"] + 1
+        assert "next question" in dialog.statusLabel.text()
+    finally:
+        client.stop()
+        dialog.deleteLater()
+        panel.deleteLater()
