@@ -6,7 +6,6 @@ is touched, so an analyst with a wrong region hears about it at once, even with 
 """
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
