@@ -28,10 +28,13 @@ knowledge: setup
 sample: setup
 	$(ENGINE_PY) -m engine make-sample resources/sample/sample_utm33n.tif
 
-# One 75-minute run (configs/tiny.json: 22 min detector warm-up, then all tasks; one training
-# thread plus one rendering worker, i.e. 2 CPU cores; see docs/results.md), then the float16 copy.
+# Two runs, 125 minutes in all on 2 CPU cores (one training thread plus one rendering worker;
+# see docs/results.md): configs/tiny.json (75 min: 22 min detector warm-up, then all tasks),
+# then configs/tiny_continue.json (50 min from it with count references and reference feedback
+# switched on), then the float16 copy.
 model: setup
-	OMP_NUM_THREADS=1 $(ENGINE_PY) -m engine train --config configs/tiny.json --out runs/shipped_model --run-dir runs/model
+	OMP_NUM_THREADS=1 $(ENGINE_PY) -m engine train --config configs/tiny.json --out runs/stage1_model --run-dir runs/model
+	OMP_NUM_THREADS=1 $(ENGINE_PY) -m engine train --config configs/tiny_continue.json --out runs/shipped_model --run-dir runs/model_continue
 	$(ENGINE_PY) -m engine export-checkpoint runs/shipped_model resources/model --dtype float16 --name rs-lvlm-tiny
 
 evaluate: setup
