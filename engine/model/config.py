@@ -110,6 +110,10 @@ class RsLvlmConfig:
     # gated features of object-level token k (pointer-network style): the word that follows a
     # pointer is read off the input at hand instead of looked up again by attention
     reference_feedback: bool = False
+    # with reference_feedback: the fed-back token also goes through a learnt H x H map (zero at
+    # first), so its colour / box evidence can be written straight into the directions of the
+    # answer words (measured: with the per-channel gate alone colour answers stayed class priors)
+    reference_feedback_projection: bool = False
     # id of the first object reference token <obj0> (set from the tokenizer at training)
     object_token_start: int | None = None
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -180,6 +184,8 @@ class RsLvlmConfig:
             raise ValueError(f"the centernet backbone needs image_size divisible by 16, got {self.image_size}")
         if self.count_references and not (self.vision_backbone == "centernet" and self.class_count_tokens):
             raise ValueError("count_references needs the centernet backbone with class_count_tokens")
+        if self.reference_feedback_projection and not self.reference_feedback:
+            raise ValueError("reference_feedback_projection needs reference_feedback")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.expert_intermediate_size is None:

@@ -96,6 +96,8 @@ class RsLvlmForConditionalGeneration(nn.Module):
                 (config.hidden_size + 1) // 2)[:config.hidden_size])
         if config.reference_feedback:
             self.reference_feedback_gate = nn.Parameter(torch.zeros(config.hidden_size))
+        if config.reference_feedback_projection:
+            self.reference_feedback_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.init_weights()
@@ -164,6 +166,8 @@ class RsLvlmForConditionalGeneration(nn.Module):
             self.sam.logit_scale.fill_(math.log(1.0 / self.config.retrieval_temperature))
         if self.config.reference_feedback:     # starts as the model without it (continued runs)
             self.reference_feedback_gate.zero_()
+        if self.config.reference_feedback_projection:
+            self.reference_feedback_proj.weight.zero_()
 
     # ---- bookkeeping -----------------------------------------------------------------------
     @property
@@ -346,7 +350,10 @@ class RsLvlmForConditionalGeneration(nn.Module):
         rel = input_ids - start
         is_ref = (rel >= 0) & (rel < n)                                           # (B, T)
         picked = object_embeds.gather(1, rel.clamp(0, n - 1)[..., None].expand(-1, -1, h))
-        return self.reference_feedback_gate * picked * is_ref[..., None]
+        fed = self.reference_feedback_gate * picked
+        if self.config.reference_feedback_projection:
+            fed = fed + self.reference_feedback_proj(picked.to(self.reference_feedback_proj.weight.dtype))
+        return fed * is_ref[..., None]
 
     def _splice(
         self,

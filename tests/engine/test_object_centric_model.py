@@ -139,3 +139,15 @@ def test_with_reference_feedback_cached_fused_and_uncached_decoding_agree():
     for other in logits[1:]:
         assert torch.equal(torch.isfinite(other), finite)
         torch.testing.assert_close(other[finite], logits[0][finite], rtol=1e-4, atol=1e-4)
+
+
+def test_the_feedback_projection_maps_the_named_object_token_and_starts_at_zero():
+    model = small_object_model(reference_feedback=True, reference_feedback_projection=True).eval()
+    start = model.config.object_token_start
+    objects = torch.randn(1, 4, model.config.hidden_size)
+    ids = torch.tensor([[5, start + 3]])
+    assert not model.reference_feedback(ids, objects).any()               # zero until trained
+    torch.nn.init.normal_(model.reference_feedback_proj.weight)
+    extra = model.reference_feedback(ids, objects)
+    torch.testing.assert_close(extra[0, 1], model.reference_feedback_proj(objects[0, 3]))
+    assert not extra[0, 0].any()

@@ -34,6 +34,15 @@ def test_continuing_into_a_model_of_another_shape_is_refused(trained):
         initialise_from(small_object_model(vocab_size=vocab + 8, class_count_tokens=True), folder)
 
 
+def test_a_projection_added_to_a_model_with_feedback_is_the_only_new_tensor(tmp_path):
+    tokenizer = build_tokenizer(["a ship {<1><2><3><4>|0}"] * 10, vocab_size=480)
+    fed = small_object_model(vocab_size=len(tokenizer), class_count_tokens=True, reference_feedback=True)
+    folder = save_checkpoint(fed, tokenizer, tmp_path / "fed")
+    grown = small_object_model(vocab_size=len(tokenizer), class_count_tokens=True, reference_feedback=True,
+                               reference_feedback_projection=True)
+    assert initialise_from(grown, folder) == ["reference_feedback_proj.weight"]
+
+
 def test_count_references_need_the_count_tokens():
     with pytest.raises(ValueError, match="class_count_tokens"):
         RsLvlmConfig(vision_backbone="centernet", count_references=True)
