@@ -76,7 +76,10 @@ class Conversation:
         return [t for t in self.turns[self._start:] if key is None or t.key == key]
 
     def history(self, key: str) -> List[Dict[str, str]]:
-        """The ``history`` param for a follow-up on region ``key``: the model's own earlier
-        answers (``raw``, boxes included, as it wrote them), bounded by the protocol module."""
+        """The ``history`` param for a follow-up on region ``key``: the earlier *questions*
+        (Ask turns) and the model's own answers (``raw``, boxes included, as it wrote them),
+        bounded by the protocol module.  Captions, groundings and classifications stay out:
+        the embedded model learnt follow-ups of questions, and a caption written before a
+        question made it answer "How many buildings are there?" with "3-up" instead of "3"."""
         return protocol.history_param(
-            [{"question": t.question, "answer": t.raw or t.answer} for t in self.current(key)])
+            [{"question": t.question, "answer": t.raw or t.answer} for t in self.current(key) if t.task == "vqa"])

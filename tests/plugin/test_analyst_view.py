@@ -139,6 +139,17 @@ def test_follow_up_on_the_same_region_sends_the_conversation(fake_dock, utm_rast
                                   "answer": "airplane {<29><18><45><31>|0}{<60><60><80><80>|0}"}]
 
 
+def test_a_follow_up_carries_the_earlier_questions_but_not_captions_or_groundings(fake_dock, utm_raster, fake_root):
+    _set_box(fake_dock, utm_raster)
+    _ask(fake_dock, "", task="caption")
+    _ask(fake_dock, "airplanes", task="ground")
+    _ask(fake_dock, "how many airplanes are there?")
+    _ask(fake_dock, "and how many are white?")
+    sent = sent_requests(fake_root)
+    assert all("history" not in request for request in sent[:3])
+    assert [turn["question"] for turn in sent[-1]["history"]] == ["how many airplanes are there?"]
+
+
 def test_question_on_another_region_starts_a_new_conversation(fake_dock, utm_raster, fake_root):
     _set_box(fake_dock, utm_raster)
     _ask(fake_dock, "how many airplanes are there?")
