@@ -216,7 +216,8 @@ class EngineClient(QObject):
 
     def stop(self, wait_ms: int = 3000) -> None:
         """Shut the engine down politely, killing it if it does not exit in ``wait_ms``.
-        Blocks for at most ``wait_ms``; only called when the plugin unloads."""
+        Blocks for at most ``wait_ms``; called when the plugin unloads and, with nothing in
+        flight, by :meth:`restart_when_idle` (the next request starts a fresh engine)."""
         proc = self._process
         if proc is None:
             return

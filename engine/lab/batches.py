@@ -120,6 +120,8 @@ class Collator:
     targets and, for an object-centric model, detection targets and reference slot boxes."""
 
     def __init__(self, tokenizer, config, knowledge, question_encoder) -> None:
+        from engine.model.references import object_class_names
+
         self.tokenizer, self.config, self.knowledge = tokenizer, config, knowledge
         self.image_size = int(config.image_size)
         self.question_encoder = question_encoder
@@ -127,7 +129,7 @@ class Collator:
         self.with_detection_targets = self.object_centric    # off when the detector is frozen
         self.vqa_references = self.object_centric and bool(getattr(config, "vqa_references", False))
         self.count_references = self.object_centric and bool(getattr(config, "count_references", False))
-        self.class_index = {name: i for i, name in enumerate(getattr(config, "object_classes", ()) or ())}
+        self.class_index = {name: i for i, name in enumerate(object_class_names(config))}
         self._question_cache: dict[str, np.ndarray] = {}
 
     def question_embeds(self, questions: list[str]) -> torch.Tensor:
@@ -167,7 +169,6 @@ class Collator:
     def __call__(self, samples: list) -> dict:
         from engine.model.image_processing import preprocess_images
         from engine.model.prompts import encode_example
-
         from engine.model.references import count_slot_box
 
         answers, slots = [], []

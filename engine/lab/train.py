@@ -295,19 +295,17 @@ def initialise_from(model, folder: Path) -> list[str]:
     """Load a trained checkpoint folder's weights into ``model`` (built from this run's config);
     returns the names of the parameters the checkpoint lacks.  A tensor the model has no place
     for, or of another shape, is an error: the run's config must extend the checkpoint's."""
-    from engine.model.checkpoint import WEIGHTS_NAME, read_weights, refuse_pickles
+    from engine.model.checkpoint import WEIGHTS_NAME, read_weights, refuse_pickles, state_mismatches
 
     refuse_pickles(folder)
     state = read_weights(folder / WEIGHTS_NAME)
-    own = model.state_dict()
-    unexpected = sorted(set(state) - set(own))
-    misshaped = sorted(k for k in set(state) & set(own) if state[k].shape != own[k].shape)
+    missing, unexpected, misshaped = state_mismatches(model, state)
     if unexpected or misshaped:
         raise ValueError(f"{folder} does not fit this run's model: unexpected {unexpected[:5]}, "
                          f"other shapes {misshaped[:5]}")
-    missing, _ = model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
-    tied = model.config.tie_word_embeddings
-    return [k for k in missing if not (tied and k == "lm_head.weight")]
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    return missing
 
 
 def _one_thread(_: int) -> None:

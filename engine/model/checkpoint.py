@@ -34,6 +34,7 @@ from .modeling_rs_lvlm import RsLvlmForConditionalGeneration
 from .tokenizer import load_tokenizer, save_tokenizer
 
 __all__ = ["save_checkpoint", "load_checkpoint", "LoadedModel", "weights_state_dict", "refuse_pickles", "read_weights",
+           "state_mismatches",
            "load_knowledge_arrays", "PICKLE_SUFFIXES"]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -140,6 +141,19 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
             "Copy or export the checkpoint again.")) from None
 
 
+def state_mismatches(model: torch.nn.Module, state: dict[str, torch.Tensor]
+                     ) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, misshaped) tensors of ``state`` against ``model``'s persistent
+    tensors (the tied LM head is not stored, so it is not missing)."""
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(f"{k} (file {tuple(state[k].shape)}, model {expected[k]})"
+                       for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    return missing, unexpected, misshaped
+
+
 def _describe(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
@@ -182,12 +196,7 @@ def load_checkpoint(model_dir: str | Path, device: str | torch.device = "cpu",
         dtype = getattr(torch, dtype)
     emb, levels = (None, None) if knowledge is None else (torch.from_numpy(a) for a in knowledge)
     model = RsLvlmForConditionalGeneration.build(config, emb, levels, device=device, dtype=dtype, initialise=False)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
-                if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(f"{k} (file {tuple(state[k].shape)}, model {expected[k]})"
-                       for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
+    missing, unexpected, misshaped = state_mismatches(model, state)
     problems = [f"missing tensors: {_describe(missing)}" if missing else "",
                 f"unexpected tensors: {_describe(unexpected)}" if unexpected else "",
                 f"tensors with the wrong shape: {_describe(misshaped)}" if misshaped else ""]

@@ -50,6 +50,9 @@ class RsLvlmDecodeSteps:
         self._spliced_mask: torch.Tensor | None = None
         self._generated = torch.empty(self.input_ids.shape[0], 0, dtype=torch.long, device=device)
         self._object_embeds: torch.Tensor | None = None
+        # (B, R) scores and classes of what a reference may point at: the detections, then with
+        # count_references the count token of each class (always valid, of its own class)
+        self._referable: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def pad_id(self) -> int:
@@ -73,6 +76,7 @@ class RsLvlmDecodeSteps:
                             out.detections.classes.cpu()))
         self._spliced_mask, self._cache = out.attention_mask, out.past_key_values
         self._object_embeds = out.object_embeds          # reference feedback in the steps
+        self._referable = None if self.detections is None else self._referable_targets(*self.detections[1:])
         if self.use_cache and self.fast and not self.model.training and self.max_new_tokens > 1:
             self._decoder = FusedDecoder(self.model, self.input_ids.shape[0],
                                          capacity=self._spliced_mask.shape[1] + self.max_new_tokens, int8=self.int8)
@@ -90,17 +94,22 @@ class RsLvlmDecodeSteps:
         """References in the next token's logits follow the grammar of
         :func:`constrain_references` (also for the first token: an answer may open with one)."""
         start = self.model.config.object_token_start
-        if self.detections is None or start is None:
+        if self._referable is None or start is None:
             return logits
-        _, scores, classes = self.detections
-        if self.model.config.count_references:     # count token c: an always-valid "detection" of class c
-            n = int(self.model.config.num_object_classes)
-            scores = torch.cat([scores, scores.new_ones(scores.shape[0], n)], dim=1)
-            classes = torch.cat([classes, torch.arange(n, dtype=classes.dtype).expand(classes.shape[0], n)], dim=1)
+        scores, classes = self._referable
         phrase = None
         if self.reference_class is not None:
             phrase = [self.reference_class(i, row.tolist()) for i, row in enumerate(self._generated)]
         return constrain_references(logits, self._generated, scores, classes, int(start), phrase)
+
+    def _referable_targets(self, scores: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Computed once per prefill, not per step."""
+        if not self.model.config.count_references:
+            return scores, classes
+        n = int(self.model.config.num_object_classes)
+        scores = torch.cat([scores, scores.new_ones(scores.shape[0], n)], dim=1)
+        classes = torch.cat([classes, torch.arange(n, dtype=classes.dtype).expand(classes.shape[0], n)], dim=1)
+        return scores, classes
 
     def _step(self, tokens: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         self._generated = torch.cat([self._generated, tokens[:, None]], dim=1)
