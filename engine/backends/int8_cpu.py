@@ -22,7 +22,7 @@ import warnings
 import torch
 from torch import nn
 
-from engine.model.fast_decode import FusedDecoder
+from engine.model.fast_decode import FusedDecoder, ModuleLayer
 
 __all__ = ["quantize_language_model_int8", "int8_linear_count", "Int8FusedDecoder"]
 
@@ -65,12 +65,8 @@ def int8_linear_count(module: nn.Module) -> int:
     return sum(isinstance(m, dynamic) for m in module.modules())
 
 
-class _Int8Layer:
-    """One quantised Llama decoder layer seen as the fused step sees a layer (no weight copied).
-
-    q/k/v (and gate/up) stay three (two) int8 products on the same input: fusing them would
-    need a second packed copy of the weights, which the prefill's separate modules still use.
-    """
+class _Int8Layer(ModuleLayer):
+    """One quantised Llama decoder layer for the fused step (its own int8 modules, no copy)."""
 
     def __init__(self, layer: nn.Module) -> None:
         attn, mlp = layer.self_attn, layer.mlp
@@ -78,23 +74,7 @@ class _Int8Layer:
         modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if not all(isinstance(m, dynamic) for m in modules):
             raise ValueError("the int8 decode step needs a language model quantised by quantize_language_model_int8")
-        self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        self._q, self._k, self._v, self.o, self._gate, self._up, self.down = modules
-        self._act = mlp.act_fn
-        self.q_size, self.kv_size = attn.q_proj.out_features, attn.k_proj.out_features
-        self.head_dim = int(attn.head_dim)
-        self.scaling = attn.scaling
-
-    def qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H) -> (B, Q + 2K)."""
-        return torch.cat([self._q(x), self._k(x), self._v(x)], dim=-1)
-
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H) -> (B, H): the SwiGLU MLP on int8 matrices."""
-        return self.down(self._act(self._gate(x)) * self._up(x))
-
-    def matrices(self) -> tuple[nn.Module, ...]:
-        return self._q, self._k, self._v, self.o, self._gate, self._up, self.down
+        super().__init__(layer)
 
 
 class Int8FusedDecoder(FusedDecoder):

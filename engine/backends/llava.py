@@ -133,6 +133,15 @@ def vicuna_v1_prompt(instruction: str, image_placeholder: str = IMAGE_TOKEN,
 
 
 # -- the pipeline ----------------------------------------------------------------------------
+FUSED_COPY_LIMIT_BYTES = 2 * 1024 ** 3
+"""Language models with more weight bytes than this decode on their own modules
+(fast_decode.ModuleLayer) instead of fused copies: a 7B's copy would be 9 GB more in bfloat16."""
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def _has_accelerate() -> bool:
     import importlib.util
 
@@ -355,14 +364,18 @@ class LlavaPipeline:
         return ids
 
     def _fused_decoder(self, batch: int, capacity: int):
-        from engine.model.fast_decode import FusedDecoder
+        from engine.model.fast_decode import FusedDecoder, ModuleLayer
 
         if self.int8:
             from .int8_cpu import Int8FusedDecoder
 
             return Int8FusedDecoder(self.model, batch, capacity)
-        inner = self.model.model
-        return FusedDecoder(self.model, batch, capacity, language_model=inner.language_model, lm_head=self.model.lm_head)
+        lm = self.model.model.language_model
+        weights = None
+        if _weight_bytes(lm) > FUSED_COPY_LIMIT_BYTES:   # step on the model's own modules
+            weights = ([ModuleLayer(layer) for layer in lm.layers], self.model.lm_head)
+        return FusedDecoder(self.model, batch, capacity, language_model=lm, lm_head=self.model.lm_head,
+                            weights=weights)
 
     # -- answering ---------------------------------------------------------------------------
     @torch.inference_mode()

@@ -52,6 +52,26 @@ def test_fused_and_module_by_module_decode_agree(tiny_llava):
     assert [x.text for x in a] == [x.text for x in b]
 
 
+def test_a_large_language_model_decodes_on_its_own_modules_with_the_same_tokens(tiny_llava, monkeypatch):
+    """Above FUSED_COPY_LIMIT_BYTES the fused step holds the model's own projections (a 7B would
+    otherwise carry a second 9 GB copy of q/k/v and gate/up); the tokens stay the fused copies'."""
+    import engine.backends.llava as llava
+    from engine.model.fast_decode import ModuleLayer
+
+    fused = load_pipeline(tiny_llava, "cpu")
+    fused.eos_ids = set()
+    a = fused.answer([chip(), chip(7)], "vqa", "What is this?", max_new_tokens=10)
+    monkeypatch.setattr(llava, "FUSED_COPY_LIMIT_BYTES", 0)
+    shared = load_pipeline(tiny_llava, "cpu")
+    shared.eos_ids = set()
+    decoder = shared._fused_decoder(1, 8)
+    assert all(isinstance(layer, ModuleLayer) for layer in decoder.layers)
+    own = {id(m) for layer in shared.model.model.language_model.layers for m in layer.modules()}
+    assert all(id(m) in own for layer in decoder.layers for m in layer.matrices())
+    b = shared.answer([chip(), chip(7)], "vqa", "What is this?", max_new_tokens=10)
+    assert [x.text for x in a] == [x.text for x in b]
+
+
 def test_bfloat16_loads_on_the_cpu_with_half_the_weight_bytes(tiny_llava):
     pipeline = load_pipeline(tiny_llava, "cpu", dtype="bfloat16")
     assert pipeline.info()["dtype"] == "bfloat16"
