@@ -114,6 +114,11 @@ class RsLvlmConfig:
     # first), so its colour / box evidence can be written straight into the directions of the
     # answer words (measured: with the per-channel gate alone colour answers stayed class priors)
     reference_feedback_projection: bool = False
+    # with reference_feedback: a reference to a detection also carries a learnt map (zero at
+    # first) of its box coordinates and of its centre's offset from the reference just before it,
+    # so "left of" / "top" is read off the two pointed boxes (measured: with the object tokens'
+    # own coordinates alone position answers stayed the prior "left" / "top", 0.38 / 0.29)
+    reference_geometry: bool = False
     # id of the first object reference token <obj0> (set from the tokenizer at training)
     object_token_start: int | None = None
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -186,6 +191,8 @@ class RsLvlmConfig:
             raise ValueError("count_references needs the centernet backbone with class_count_tokens")
         if self.reference_feedback_projection and not self.reference_feedback:
             raise ValueError("reference_feedback_projection needs reference_feedback")
+        if self.reference_geometry and not (self.reference_feedback and self.vision_backbone == "centernet"):
+            raise ValueError("reference_geometry needs reference_feedback and the centernet backbone")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.expert_intermediate_size is None:

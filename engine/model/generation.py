@@ -50,6 +50,8 @@ class RsLvlmDecodeSteps:
         self._spliced_mask: torch.Tensor | None = None
         self._generated = torch.empty(self.input_ids.shape[0], 0, dtype=torch.long, device=device)
         self._object_embeds: torch.Tensor | None = None
+        self._object_boxes: torch.Tensor | None = None
+        self._last_reference = torch.full((self.input_ids.shape[0],), -1, dtype=torch.long, device=device)
         # (B, R) scores and classes of what a reference may point at: the detections, then with
         # count_references the count token of each class (always valid, of its own class)
         self._referable: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -76,6 +78,7 @@ class RsLvlmDecodeSteps:
                             out.detections.classes.cpu()))
         self._spliced_mask, self._cache = out.attention_mask, out.past_key_values
         self._object_embeds = out.object_embeds          # reference feedback in the steps
+        self._object_boxes = out.object_boxes            # and the pointed boxes' geometry
         self._referable = None if self.detections is None else self._referable_targets(*self.detections[1:])
         if self.use_cache and self.fast and not self.model.training and self.max_new_tokens > 1:
             self._decoder = FusedDecoder(self.model, self.input_ids.shape[0],
@@ -114,14 +117,21 @@ class RsLvlmDecodeSteps:
     def _step(self, tokens: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
         self._generated = torch.cat([self._generated, tokens[:, None]], dim=1)
         self._spliced_mask = torch.cat([self._spliced_mask, alive.long()[:, None]], dim=1)
+        previous = self._last_reference                  # reference geometry's context
+        if self._object_boxes is not None:
+            rel = tokens - int(self.model.config.object_token_start)
+            is_box = (rel >= 0) & (rel < self._object_boxes.shape[1])
+            self._last_reference = torch.where(is_box, tokens, self._last_reference)
         if self._decoder is not None:
             extra = None
             if self._object_embeds is not None:
-                extra = self.model.reference_feedback(tokens[:, None], self._object_embeds)[:, 0]
+                extra = self.model.reference_feedback(tokens[:, None], self._object_embeds, self._object_boxes,
+                                                      previous)[:, 0]
             return self._decoder.step(tokens, self._spliced_mask, extra)
         if self.use_cache:
             out = self.model(None, tokens[:, None], self._spliced_mask, past_key_values=self._cache,
-                             use_cache=True, logits_to_keep=1, object_embeds=self._object_embeds)
+                             use_cache=True, logits_to_keep=1, object_embeds=self._object_embeds,
+                             object_boxes=self._object_boxes, previous_reference=previous)
             self._cache = out.past_key_values
             return out.logits[:, -1]
         steps = self._generated.shape[1]

@@ -34,9 +34,12 @@ from .config import RsLvlmConfig
 from .detector import CenterNetDetector, Detections, DetectorOutput, decode_detections
 from .vision import MultiLevelFeatures
 
-__all__ = ["ObjectCentricVisionEncoder", "ObjectCentricOutput", "box_features", "class_counts", "MAX_COUNT"]
+__all__ = ["ObjectCentricVisionEncoder", "ObjectCentricOutput", "box_features", "fourier_features", "class_counts",
+           "MAX_COUNT", "BOX_FEATURES"]
 
 _FREQS = 6
+BOX_FEATURES = 6 * (2 * _FREQS + 1)
+"""Width of :func:`box_features`."""
 MAX_COUNT = 9
 """Counts are capped here, as the counting answers are ("9" means nine or more)."""
 
@@ -47,14 +50,19 @@ class ObjectCentricOutput(NamedTuple):
     raw: DetectorOutput
 
 
+def fourier_features(coords: torch.Tensor) -> torch.Tensor:
+    """(..., C) coordinates in about [-1, 1] -> (..., C * (2 * _FREQS + 1)): each coordinate
+    with the sines and cosines of _FREQS octaves, smooth in position."""
+    freqs = (2.0 ** torch.arange(_FREQS, device=coords.device, dtype=coords.dtype)) * math.pi
+    ang = coords[..., None] * freqs                                                # (..., C, F)
+    return torch.cat([coords[..., None], ang.sin(), ang.cos()], dim=-1).flatten(-2)
+
+
 def box_features(boxes: torch.Tensor) -> torch.Tensor:
     """(..., 4) normalised boxes -> (..., 6 * (2 * _FREQS + 1)) Fourier features of x1, y1, x2,
     y2, cx, cy: smooth in position, so "left of" is a linear read-out."""
     cx, cy = (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2
-    coords = torch.cat([boxes, cx[..., None], cy[..., None]], dim=-1)              # (..., 6)
-    freqs = (2.0 ** torch.arange(_FREQS, device=boxes.device, dtype=boxes.dtype)) * math.pi
-    ang = coords[..., None] * freqs                                                # (..., 6, F)
-    return torch.cat([coords[..., None], ang.sin(), ang.cos()], dim=-1).flatten(-2)
+    return fourier_features(torch.cat([boxes, cx[..., None], cy[..., None]], dim=-1))
 
 
 def class_counts(det: Detections, num_classes: int, min_score: float) -> torch.Tensor:
@@ -75,7 +83,7 @@ class ObjectCentricVisionEncoder(nn.Module):
         dv = config.vision_hidden_size
         self.detector = CenterNetDetector(config)
         self.object_feature = nn.Linear(c4 + c8, dv)
-        self.object_box = nn.Linear(6 * (2 * _FREQS + 1), dv)
+        self.object_box = nn.Linear(BOX_FEATURES, dv)
         n_evidence = config.num_object_classes + config.num_colours + config.num_size_words + 1
         self.object_evidence = nn.Linear(n_evidence, dv)
         self.object_class = nn.Embedding(config.num_object_classes, dv)

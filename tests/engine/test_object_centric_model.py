@@ -151,3 +151,75 @@ def test_the_feedback_projection_maps_the_named_object_token_and_starts_at_zero(
     extra = model.reference_feedback(ids, objects)
     torch.testing.assert_close(extra[0, 1], model.reference_feedback_proj(objects[0, 3]))
     assert not extra[0, 0].any()
+
+
+def _geometry_model():
+    model = small_object_model(reference_feedback=True, reference_geometry=True).eval()
+    torch.nn.init.normal_(model.reference_geometry_mlp[-1].weight, std=1.0)
+    return model
+
+
+def test_reference_geometry_starts_at_zero_so_a_continued_model_answers_as_before():
+    model = small_object_model(reference_feedback=True, reference_geometry=True).eval()
+    start = model.config.object_token_start
+    boxes = torch.rand(1, 4, 4)
+    ids = torch.tensor([[5, start + 1, start + 3]])
+    assert not model._reference_geometry(ids, boxes, None).any()
+
+
+def test_reference_geometry_sees_the_offset_from_the_detection_referred_to_before():
+    model = _geometry_model()
+    start, AND = model.config.object_token_start, 5
+    left, right = [0.1, 0.4, 0.2, 0.5], [0.7, 0.4, 0.8, 0.5]
+    boxes = torch.tensor([[left, right, left, right]])
+    # "<obj0> and <obj1>": the ship (left) and the tank (right); the word between is skipped
+    pair = model._reference_geometry(torch.tensor([[start + 0, AND, start + 1]]), boxes, None)
+    same_boxes = model._reference_geometry(torch.tensor([[start + 2, AND, start + 1]]), boxes, None)
+    after_itself = model._reference_geometry(torch.tensor([[start + 3, AND, start + 1]]), boxes, None)
+    alone = model._reference_geometry(torch.tensor([[6, AND, start + 1]]), boxes, None)
+    torch.testing.assert_close(pair, same_boxes)          # boxes count, not reference numbers
+    # the same tank after the ship, after another tank (offset 0) and alone: three features
+    assert not torch.allclose(pair[0, 2], after_itself[0, 2])
+    assert not torch.allclose(pair[0, 2], alone[0, 2])
+    assert not torch.allclose(after_itself[0, 2], alone[0, 2])
+
+
+def test_reference_geometry_in_decode_steps_equals_the_whole_sequence():
+    model = _geometry_model()
+    start = model.config.object_token_start
+    boxes = torch.rand(1, 4, 4)
+    ids = torch.tensor([[5, start + 2, 6, start + 0, 7, start + 3]])
+    whole = model._reference_geometry(ids, boxes, None)
+    last = torch.tensor([-1])
+    for t in range(ids.shape[1]):
+        step = model._reference_geometry(ids[:, t:t + 1], boxes, last)
+        torch.testing.assert_close(step[0, 0], whole[0, t])
+        if 0 <= int(ids[0, t]) - start < 4:
+            last = ids[:, t]
+
+
+def test_reference_geometry_is_zero_away_from_detection_references():
+    model = small_object_model(reference_feedback=True, reference_geometry=True, class_count_tokens=True,
+                               count_references=True).eval()
+    torch.nn.init.normal_(model.reference_geometry_mlp[-1].weight, std=1.0)
+    start, k = model.config.object_token_start, model.config.num_object_tokens
+    extra = model._reference_geometry(torch.tensor([[5, start + k, start + 1]]), torch.rand(1, k, 4), None)
+    assert not extra[0, 0].any() and not extra[0, 1].any() and extra[0, 2].any()
+
+
+def test_with_reference_geometry_cached_fused_and_uncached_decoding_agree():
+    model = _geometry_model()
+    torch.nn.init.normal_(model.reference_feedback_gate, std=3.0)
+    start = model.config.object_token_start
+    ids, mask = prompt_batch(model.config, [6])
+    pixels = torch.randn(1, 3, 32, 32)
+    logits = []
+    for fast, use_cache in ((True, True), (False, True), (False, False)):
+        steps = RsLvlmDecodeSteps(model, pixels, ids, mask, max_new_tokens=4, use_cache=use_cache, fast=fast)
+        steps.prefill()
+        out = [steps.step(torch.tensor([t]), torch.ones(1, dtype=torch.bool)) for t in (start, start + 2, 7)]
+        logits.append(torch.stack(out))
+    finite = torch.isfinite(logits[0])
+    for other in logits[1:]:
+        assert torch.equal(torch.isfinite(other), finite)
+        torch.testing.assert_close(other[finite], logits[0][finite], rtol=1e-4, atol=1e-4)
