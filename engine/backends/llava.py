@@ -189,6 +189,7 @@ class LlavaPipeline:
         self._banned = torch.tensor(sorted(i for i in banned if 0 <= i < vocab_rows), dtype=torch.long)
         self.eos_ids = self._eos_ids()
         self.fused_decode = quantization is None
+        self._decode_on_own_modules = _weight_bytes(self.model.model.language_model) > FUSED_COPY_LIMIT_BYTES
         """Decode steps on fused weights and a static KV cache (engine.model.fast_decode); the
         prefill stays transformers'. int8 models run the same step on their own int8 modules
         (int8_cpu.Int8FusedDecoder); off for bitsandbytes models (their matrices are packed)."""
@@ -372,7 +373,7 @@ class LlavaPipeline:
             return Int8FusedDecoder(self.model, batch, capacity)
         lm = self.model.model.language_model
         weights = None
-        if _weight_bytes(lm) > FUSED_COPY_LIMIT_BYTES:   # step on the model's own modules
+        if self._decode_on_own_modules:
             weights = ([ModuleLayer(layer) for layer in lm.layers], self.model.lm_head)
         return FusedDecoder(self.model, batch, capacity, language_model=lm, lm_head=self.model.lm_head,
                             weights=weights)

@@ -115,7 +115,8 @@ class RsLvlmConfig:
     # answer words (measured: with the per-channel gate alone colour answers stayed class priors)
     reference_feedback_projection: bool = False
     # with reference_feedback: a reference to a detection also carries a learnt map (zero at
-    # first) of its box coordinates and of its centre's offset from the reference just before it,
+    # first) of its box coordinates and of its centre's offset from the detection referred to
+    # last before it ("<obj0> and <obj1> left"),
     # so "left of" / "top" is read off the two pointed boxes (measured: with the object tokens'
     # own coordinates alone position answers stayed the prior "left" / "top", 0.38 / 0.29)
     reference_geometry: bool = False

@@ -33,7 +33,8 @@ from .language_model import RsLvlmLanguageModel
 from .projector import MultiLevelProjector
 from .semantic_augmentation import Retriever, SemanticAugmentation
 from .detector import DetectionTargets, Detections, detection_loss
-from .object_vision import BOX_FEATURES, ObjectCentricVisionEncoder, box_features, fourier_features
+from .object_vision import (BOX_FEATURES, FOURIER_FEATURES, ObjectCentricVisionEncoder, box_features,
+                            fourier_features)
 from .references import assign_references
 from .vision import MultiLevelVisionEncoder
 
@@ -41,7 +42,6 @@ __all__ = ["RsLvlmForConditionalGeneration", "RsLvlmOutput", "VisualEncoding"]
 
 IGNORE_INDEX = -100
 GEOMETRY_HIDDEN = 128
-GEOMETRY_OFFSET_FEATURES = fourier_features(torch.zeros(2)).shape[-1]
 
 
 @dataclass
@@ -105,7 +105,7 @@ class RsLvlmForConditionalGeneration(nn.Module):
             # box features of the pointed detection, Fourier features of its centre's offset from
             # the reference before it, and whether there is one
             self.reference_geometry_mlp = nn.Sequential(
-                nn.Linear(BOX_FEATURES + GEOMETRY_OFFSET_FEATURES + 1, GEOMETRY_HIDDEN), nn.GELU(),
+                nn.Linear(BOX_FEATURES + 2 * FOURIER_FEATURES + 1, GEOMETRY_HIDDEN), nn.GELU(),
                 nn.Linear(GEOMETRY_HIDDEN, config.hidden_size))
         if config.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight

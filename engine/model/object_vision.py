@@ -35,10 +35,12 @@ from .detector import CenterNetDetector, Detections, DetectorOutput, decode_dete
 from .vision import MultiLevelFeatures
 
 __all__ = ["ObjectCentricVisionEncoder", "ObjectCentricOutput", "box_features", "fourier_features", "class_counts",
-           "MAX_COUNT", "BOX_FEATURES"]
+           "MAX_COUNT", "BOX_FEATURES", "FOURIER_FEATURES"]
 
 _FREQS = 6
-BOX_FEATURES = 6 * (2 * _FREQS + 1)
+FOURIER_FEATURES = 2 * _FREQS + 1
+"""Features per coordinate of :func:`fourier_features`."""
+BOX_FEATURES = 6 * FOURIER_FEATURES
 """Width of :func:`box_features`."""
 MAX_COUNT = 9
 """Counts are capped here, as the counting answers are ("9" means nine or more)."""

@@ -123,22 +123,27 @@ def test_reference_feedback_starts_switched_off_so_a_continued_model_answers_as_
         torch.testing.assert_close(fed(pixels, ids, mask).logits, plain(pixels, ids, mask).logits)
 
 
-def test_with_reference_feedback_cached_fused_and_uncached_decoding_agree():
-    model = small_object_model(reference_feedback=True).eval()
-    torch.nn.init.normal_(model.reference_feedback_gate, std=3.0)
-    start = model.config.object_token_start
+def _assert_fused_cached_and_uncached_decoding_agree(model, tokens: list[int]) -> None:
+    """Feeding ``tokens`` one step at a time gives the same logits on every decode path."""
     ids, mask = prompt_batch(model.config, [6])
     pixels = torch.randn(1, 3, 32, 32)
     logits = []
     for fast, use_cache in ((True, True), (False, True), (False, False)):
         steps = RsLvlmDecodeSteps(model, pixels, ids, mask, max_new_tokens=4, use_cache=use_cache, fast=fast)
         steps.prefill()
-        out = [steps.step(torch.tensor([t]), torch.ones(1, dtype=torch.bool)) for t in (start, 7, start + 2)]
+        out = [steps.step(torch.tensor([t]), torch.ones(1, dtype=torch.bool)) for t in tokens]
         logits.append(torch.stack(out))
     finite = torch.isfinite(logits[0])
     for other in logits[1:]:
         assert torch.equal(torch.isfinite(other), finite)
         torch.testing.assert_close(other[finite], logits[0][finite], rtol=1e-4, atol=1e-4)
+
+
+def test_with_reference_feedback_cached_fused_and_uncached_decoding_agree():
+    model = small_object_model(reference_feedback=True).eval()
+    torch.nn.init.normal_(model.reference_feedback_gate, std=3.0)
+    start = model.config.object_token_start
+    _assert_fused_cached_and_uncached_decoding_agree(model, [start, 7, start + 2])
 
 
 def test_the_feedback_projection_maps_the_named_object_token_and_starts_at_zero():
@@ -211,15 +216,4 @@ def test_with_reference_geometry_cached_fused_and_uncached_decoding_agree():
     model = _geometry_model()
     torch.nn.init.normal_(model.reference_feedback_gate, std=3.0)
     start = model.config.object_token_start
-    ids, mask = prompt_batch(model.config, [6])
-    pixels = torch.randn(1, 3, 32, 32)
-    logits = []
-    for fast, use_cache in ((True, True), (False, True), (False, False)):
-        steps = RsLvlmDecodeSteps(model, pixels, ids, mask, max_new_tokens=4, use_cache=use_cache, fast=fast)
-        steps.prefill()
-        out = [steps.step(torch.tensor([t]), torch.ones(1, dtype=torch.bool)) for t in (start, start + 2, 7)]
-        logits.append(torch.stack(out))
-    finite = torch.isfinite(logits[0])
-    for other in logits[1:]:
-        assert torch.equal(torch.isfinite(other), finite)
-        torch.testing.assert_close(other[finite], logits[0][finite], rtol=1e-4, atol=1e-4)
+    _assert_fused_cached_and_uncached_decoding_agree(model, [start, start + 2, 7])
