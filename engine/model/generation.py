@@ -16,7 +16,7 @@ import torch
 
 from .fast_decode import FusedDecoder
 from .modeling_rs_lvlm import RsLvlmForConditionalGeneration
-from .references import constrain_references
+from .references import constrain_references, reference_offsets
 from .semantic_augmentation import Retriever
 
 __all__ = ["RsLvlmDecodeSteps"]
@@ -119,8 +119,8 @@ class RsLvlmDecodeSteps:
         self._spliced_mask = torch.cat([self._spliced_mask, alive.long()[:, None]], dim=1)
         previous = self._last_reference                  # reference geometry's context
         if self._object_boxes is not None:
-            rel = tokens - int(self.model.config.object_token_start)
-            is_box = (rel >= 0) & (rel < self._object_boxes.shape[1])
+            _, is_box = reference_offsets(tokens, int(self.model.config.object_token_start),
+                                          self._object_boxes.shape[1])
             self._last_reference = torch.where(is_box, tokens, self._last_reference)
         if self._decoder is not None:
             extra = None

@@ -35,7 +35,7 @@ from .semantic_augmentation import Retriever, SemanticAugmentation
 from .detector import DetectionTargets, Detections, detection_loss
 from .object_vision import (BOX_FEATURES, FOURIER_FEATURES, ObjectCentricVisionEncoder, box_features,
                             fourier_features)
-from .references import assign_references
+from .references import assign_references, reference_offsets
 from .vision import MultiLevelVisionEncoder
 
 __all__ = ["RsLvlmForConditionalGeneration", "RsLvlmOutput", "VisualEncoding"]
@@ -366,8 +366,7 @@ class RsLvlmForConditionalGeneration(nn.Module):
         n, h = object_embeds.shape[1], object_embeds.shape[-1]
         if start is None:
             return object_embeds.new_zeros(*input_ids.shape, h)
-        rel = input_ids - start
-        is_ref = (rel >= 0) & (rel < n)                                           # (B, T)
+        rel, is_ref = reference_offsets(input_ids, start, n)                      # (B, T)
         picked = object_embeds.gather(1, rel.clamp(0, n - 1)[..., None].expand(-1, -1, h))
         fed = self.reference_feedback_gate * picked
         if self.config.reference_feedback_projection:
@@ -386,8 +385,7 @@ class RsLvlmForConditionalGeneration(nn.Module):
         one offset, which the small LM did not learn to compute from two tokens' Fourier
         features in the runs so far (position 0.38 / 0.29)."""
         start, k = int(self.config.object_token_start), boxes.shape[1]
-        rel = input_ids - start
-        is_box = (rel >= 0) & (rel < k)                                           # (B, T)
+        rel, is_box = reference_offsets(input_ids, start, k)                      # (B, T)
         at = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         last = torch.where(is_box, at, -1).cummax(dim=1).values                  # last at or before t
         before = torch.cat([last.new_full(last[:, :1].shape, -1), last[:, :-1]], dim=1)
@@ -396,7 +394,7 @@ class RsLvlmForConditionalGeneration(nn.Module):
         if previous_reference is not None:
             carried = (previous_reference.reshape(-1, 1).to(input_ids) - start).expand_as(prel)
             prel = torch.where(has_prev, prel, carried)
-            has_prev = has_prev | ((carried >= 0) & (carried < k))
+            has_prev = has_prev | reference_offsets(carried, 0, k)[1]
 
         def pick(index: torch.Tensor) -> torch.Tensor:                          # (B, T, 4)
             return boxes.gather(1, index.clamp(0, k - 1)[..., None].expand(-1, -1, 4))

@@ -25,7 +25,7 @@ import torch
 from engine.grounding import GRID_MAX, GridBox, format_box
 from .detector import Detections, box_iou_matrix
 
-__all__ = ["REFERENCE_RE", "reference_token", "assign_references", "resolve_references", "ResolvedBox",
+__all__ = ["REFERENCE_RE", "reference_token", "reference_offsets", "assign_references", "resolve_references", "ResolvedBox",
            "MIN_MATCH_IOU", "constrain_references", "MIN_REFERENCE_SCORE", "phrase_class",
            "sole_named_class", "count_slot_box", "object_class_names"]
 
@@ -43,6 +43,14 @@ tokens): an answer may not point at them."""
 
 def reference_token(k: int) -> str:
     return f"<obj{k}>"
+
+
+def reference_offsets(ids: torch.Tensor, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``ids - start``, whether that offset names one of ``count`` tokens): the one reading of
+    "is this id a reference token, and to which item", shared by training, feedback and decoding
+    so that their ranges cannot drift apart."""
+    rel = ids - start
+    return rel, (rel >= 0) & (rel < count)
 
 
 def count_slot_box(class_index: int) -> list[float]:
@@ -69,15 +77,13 @@ def assign_references(input_ids: torch.Tensor, labels: torch.Tensor | None, slot
     count_class = (-slot_boxes[..., 0] - 2).round().long().clamp(min=0)
     best = torch.where(is_count.to(best.device), detections.boxes.shape[1] + count_class.to(best.device), best)
     valid = valid | is_count
-    slot = input_ids - object_token_start                                         # (B, T)
-    is_slot = (slot >= 0) & (slot < s)
+    slot, is_slot = reference_offsets(input_ids, object_token_start, s)           # (B, T)
     idx = slot.clamp(0, s - 1)
     mapped = best.gather(1, idx) + object_token_start
     new_ids = torch.where(is_slot, mapped, input_ids)
     new_labels = labels
     if labels is not None:
-        lslot = labels - object_token_start
-        l_is_slot = (lslot >= 0) & (lslot < s)
+        lslot, l_is_slot = reference_offsets(labels, object_token_start, s)
         lidx = lslot.clamp(0, s - 1)
         lmapped = torch.where(valid.gather(1, lidx), best.gather(1, lidx) + object_token_start,
                               torch.full_like(labels, -100))
@@ -154,8 +160,7 @@ def constrain_references(logits: torch.Tensor, generated: torch.Tensor, scores: 
     ref = logits[:, object_token_start:object_token_start + k]
     banned = scores.to(logits.device) < MIN_REFERENCE_SCORE                      # (B, K)
     if generated.shape[1]:
-        rel = generated.to(logits.device) - object_token_start                    # (B, t)
-        is_ref = (rel >= 0) & (rel < k)
+        rel, is_ref = reference_offsets(generated.to(logits.device), object_token_start, k)  # (B, t)
         used = torch.zeros_like(banned)
         used.scatter_(1, rel.clamp(0, k - 1), is_ref)
         banned = banned | used
