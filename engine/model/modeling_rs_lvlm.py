@@ -392,9 +392,10 @@ class RsLvlmForConditionalGeneration(nn.Module):
         prel = input_ids.gather(1, before.clamp(min=0)) - start
         has_prev = before >= 0
         if previous_reference is not None:
-            carried = (previous_reference.reshape(-1, 1).to(input_ids) - start).expand_as(prel)
-            prel = torch.where(has_prev, prel, carried)
-            has_prev = has_prev | reference_offsets(carried, 0, k)[1]
+            carried, carried_is_box = reference_offsets(previous_reference.reshape(-1, 1).to(input_ids),
+                                                        start, k)                # (B, 1)
+            prel = torch.where(has_prev, prel, carried.expand_as(prel))
+            has_prev = has_prev | carried_is_box
 
         def pick(index: torch.Tensor) -> torch.Tensor:                          # (B, T, 4)
             return boxes.gather(1, index.clamp(0, k - 1)[..., None].expand(-1, -1, 4))

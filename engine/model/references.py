@@ -25,7 +25,8 @@ import torch
 from engine.grounding import GRID_MAX, GridBox, format_box
 from .detector import Detections, box_iou_matrix
 
-__all__ = ["REFERENCE_RE", "reference_token", "reference_offsets", "assign_references", "resolve_references", "ResolvedBox",
+__all__ = ["REFERENCE_RE", "reference_token", "reference_offsets", "assign_references", "resolve_references",
+           "ResolvedBox",
            "MIN_MATCH_IOU", "constrain_references", "MIN_REFERENCE_SCORE", "phrase_class",
            "sole_named_class", "count_slot_box", "object_class_names"]
 
