@@ -55,6 +55,8 @@ __all__ = [
     "pixels_to_grid",
     "GRID_MAX",
     "box_corners",
+    "PLACE_WORDS",
+    "position_word",
 ]
 
 GRID_MAX = 100
@@ -226,6 +228,28 @@ def box_corners(x1: float, y1: float, x2: float, y2: float, angle: float = 0.0
     t = math.radians(angle or 0.0)
     c, s = math.cos(t), math.sin(t)
     return [(cx + dx * c - dy * s, cy + dx * s + dy * c) for dx, dy in ((-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh))]
+
+
+PLACE_WORDS: tuple[str, ...] = ("top", "bottom", "left", "right", "centre")
+"""Where a point lies in an image: the answers to "Where is the ...?"."""
+
+
+def position_word(cx: float, cy: float, size: float, decided: bool = False) -> str | None:
+    """The place word of a point (``cx, cy`` in an image ``size`` wide and high, y down).
+
+    One definition for the questions the data asks and the answers the decoder reads off a box:
+    within 0.14 of the centre it is "centre", else the side it is farthest towards.  Near a
+    boundary between two words (the centre ring, the diagonals) it is None, not a fair question,
+    unless ``decided``, when the nearest word is given (an answer must say something)."""
+    dx, dy = cx / size - 0.5, cy / size - 0.5
+    m = max(abs(dx), abs(dy))
+    if m < 0.14:
+        return "centre"
+    if not decided and (m < 0.2 or abs(abs(dx) - abs(dy)) < 0.07):
+        return None
+    if abs(dx) > abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
 
 
 def _plural(noun: str) -> str:

@@ -28,30 +28,18 @@ def generate(model, pixel_values: torch.Tensor, input_ids: torch.Tensor, attenti
              temperature: float = 1.0, top_p: float = 1.0, stop_strings: Sequence[str] = (), tokenizer=None,
              on_token: TokenCallback | None = None, should_stop: StopCheck | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None, retriever=None, fast: bool = True,
-             int8: bool = False, first_reference_class: Sequence[int | None] | None = None) -> DecodeResult:
+             int8: bool = False, grammar=None) -> DecodeResult:
     """Answers for a batch of images and left-padded prompts (one ``<image>`` each), through the
     shared decode loop; ``result.retrieved`` holds what the SAM fused (level -> (scores, ids)).
-    ``first_reference_class[row]``: the class an answer's opening reference must have when no
-    phrase of the answer names one (a VQA answer pointing at the object its question names)."""
+    ``grammar``: the question's :class:`engine.model.referring.AnswerGrammar` (which detections
+    its references prefer, which answer words its evidence rules out); without one references
+    keep only the grammar of :func:`engine.model.references.constrain_references`."""
     from engine.model.generation import RsLvlmDecodeSteps
-    from engine.model.references import object_class_names, phrase_class
 
     steps = RsLvlmDecodeSteps(model, pixel_values, input_ids, attention_mask, question_embeds,
                               max_new_tokens=max_new_tokens, use_cache=use_cache, retriever=retriever,
                               fast=fast, int8=int8)
-
-    names = object_class_names(model.config)
-    if tokenizer is not None and names:
-        start = getattr(model.config, "object_token_start", None)
-
-        def reference_class(row: int, tokens: list[int]) -> int | None:
-            cls = phrase_class(tokenizer.decode(tokens, skip_special_tokens=True), names)
-            if cls is None and first_reference_class is not None and start is not None \
-                    and not any(t >= start for t in tokens):
-                cls = first_reference_class[row]
-            return cls
-
-        steps.reference_class = reference_class
+    steps.grammar = grammar
     result = decode(steps.prefill, steps.step, input_ids.shape[0], max_new_tokens=max_new_tokens,
                     eos_ids=steps.eos_ids, pad_id=steps.pad_id, tokenizer=tokenizer, stop_strings=stop_strings,
                     on_token=on_token, should_stop=should_stop, do_sample=do_sample, temperature=temperature,
@@ -75,6 +63,7 @@ class RsLvlmPipeline:
         self.name = getattr(self.config, "name", None) or model_dir.name
         self._question_cache: dict[str, np.ndarray] = {}
         self.int8_decode = False           # decode with int8 matrices (CPU; see fast_decode.py)
+        self.grammar = "evidence"          # engine.model.referring.GRAMMARS
 
     @classmethod
     def load(cls, model_dir: Path | str, device: str = "cpu", dtype: torch.dtype | str | None = None,
@@ -148,7 +137,8 @@ class RsLvlmPipeline:
         ``history`` holds earlier ``{"question", "answer"}`` turns on the same region."""
         from engine.model.image_processing import preprocess_images
         from engine.model.prompts import build_prompt, default_question
-        from engine.model.references import REFERENCE_RE, object_class_names, resolve_references, sole_named_class
+        from engine.model.references import REFERENCE_RE, object_class_names, resolve_references
+        from engine.model.referring import AnswerGrammar, Vocabulary, asked_attribute
 
         t0 = time.perf_counter()
         asked = split_task_token(question)[1] or default_question(task)
@@ -167,14 +157,18 @@ class RsLvlmPipeline:
             if on_token is not None:
                 on_token(i, REFERENCE_RE.sub("", piece))     # a reference is shown as its box, at the end
 
-        first_class = None
+        grammar = None
         names = object_class_names(self.config)
-        if task == "vqa" and names:
-            first_class = [sole_named_class(asked, names)] * len(images)
+        start = getattr(self.config, "object_token_start", None)
+        if names and start is not None:
+            grammar = AnswerGrammar(asked, Vocabulary.of(self.config), self.tokenizer, int(start),
+                                    first_class_from_question=task == "vqa", level=self.grammar,
+                                    attribute=asked_attribute(asked) if task == "vqa" else None,
+                                    min_listed_score=float(self.config.count_min_score))
         result = generate(self.model, pixel_values, input_ids, attention, q_embeds, max_new_tokens=max_new_tokens,
                           do_sample=do_sample, temperature=temperature, top_p=top_p, tokenizer=self.tokenizer,
                           on_token=stream, should_stop=should_stop, retriever=self.retriever,
-                          int8=self.int8_decode, first_reference_class=first_class)
+                          int8=self.int8_decode, grammar=grammar)
         t_gen = time.perf_counter()
         answers = []
         detections = getattr(result, "detections", None)

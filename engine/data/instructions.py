@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from engine.grounding import GridBox, format_grounded, pixels_to_grid
+from engine.grounding import GridBox, format_grounded, pixels_to_grid, position_word
 from .captions import SCENE_NOUN, caption_for
 from .scene_generator import (
     COLOUR_NAMES, LAND_COVER_CLASSES, OBJECT_CLASSES, SCENE_CLASSES, SIZE_NAMES, Scene, SceneObject,
@@ -86,20 +86,6 @@ def object_grid_box(obj: SceneObject, image_size: int, oriented: bool = False) -
     cx, cy = obj.centre
     return pixels_to_grid(cx - obj.length / 2, cy - obj.width / 2, cx + obj.length / 2,
                           cy + obj.width / 2, obj.angle, image_size, image_size, obj.cls)
-
-
-def position_word(cx: float, cy: float, size: float) -> str | None:
-    """top/bottom/left/right/centre of a point, or None when it is too close to a boundary
-    between two answers to be a fair question."""
-    dx, dy = cx / size - 0.5, cy / size - 0.5
-    m = max(abs(dx), abs(dy))
-    if m < 0.14:
-        return "centre"
-    if m < 0.2 or abs(abs(dx) - abs(dy)) < 0.07:
-        return None
-    if abs(dx) > abs(dy):
-        return "left" if dx < 0 else "right"
-    return "top" if dy < 0 else "bottom"
 
 
 def named_classes(question: str, classes: tuple[str, ...] = OBJECT_CLASSES) -> list[str]:

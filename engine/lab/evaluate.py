@@ -32,8 +32,10 @@ BATCH = 16
 
 
 def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, device: str = "auto",
-             max_new_tokens: int = 48, progress: bool = True, int8: bool = False) -> dict:
-    """Score a checkpoint on n fresh samples; returns the scores as one flat-ish dict."""
+             max_new_tokens: int = 48, progress: bool = True, int8: bool = False, grammar: str = "evidence") -> dict:
+    """Score a checkpoint on n fresh samples; returns the scores as one flat-ish dict.
+    ``grammar``: how much of the question the decoder holds answers to
+    (engine.model.referring.GRAMMARS), so that its share of the scores can be measured."""
     from tqdm import tqdm
 
     from engine.data.instructions import iter_samples
@@ -45,6 +47,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
     t0 = time.perf_counter()
     pipeline = RsLvlmPipeline.load(model_dir, device=resolve_device(device))
     pipeline.int8_decode = int8
+    pipeline.grammar = grammar
     samples = list(iter_samples(seed, n, image_size=pipeline.image_size))
     by_task: dict[str, list] = defaultdict(list)
     for s in samples:
@@ -84,6 +87,7 @@ def evaluate(model_dir: Path, seed: int = DEFAULT_EVAL_SEED, n: int = 500, devic
         raw_predictions[task] = raws
     bar.close()
     scores: dict = {"model": str(model_dir), "seed": seed, "n": len(samples), "int8_decode": int8,
+                    "grammar": grammar,
                     "counts": {task: len(group) for task, group in by_task.items()}}
     if by_task.get("classify"):
         scores["scene_accuracy"] = classification_accuracy(predictions["classify"],
@@ -217,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         from .dataset_eval import main as dataset_main
 
         return dataset_main(argv)
+    from engine.model.referring import GRAMMARS
+
     parser = argparse.ArgumentParser(prog="python -m engine evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the embedded model)")
     parser.add_argument("--seed", type=int, default=DEFAULT_EVAL_SEED)
@@ -224,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--int8", action="store_true", help="decode with int8 matrices (CPU), to measure its effect")
+    parser.add_argument("--grammar", default="evidence", choices=GRAMMARS,
+                        help="how much of the question the decoder holds answers to (default: evidence); "
+                             "'classes' is the grammar before descriptions and evidence words, to measure their share")
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     parser.add_argument("--mosaic", action="store_true",
                         help="also ask a fresh georeferenced mosaic tile by tile and score in map coordinates")
@@ -235,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model or DEFAULT_MODEL_DIR
     require_model_dir(model_dir)
     scores = evaluate(model_dir, seed=args.seed, n=args.n, device=args.device, max_new_tokens=args.max_new_tokens,
-                      int8=args.int8)
+                      int8=args.int8, grammar=args.grammar)
     if args.mosaic:
         from engine.device import resolve_device
         from .mosaic_eval import evaluate_mosaic
 
-        scores["mosaic"] = evaluate_mosaic(model_dir, seed=args.seed, device=resolve_device(args.device))
+        scores["mosaic"] = evaluate_mosaic(model_dir, seed=args.seed, device=resolve_device(args.device),
+                                           grammar=args.grammar)
     text = json.dumps(scores, indent=None if args.json else 2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,9 @@ __all__ = ["evaluate_mosaic"]
 
 
 def evaluate_mosaic(model_dir: Path, seed: int = 2027, grid: tuple[int, int] = (4, 5), crs: str = "EPSG:32632",
-                    pixel_size: float = 0.6, device: str = "cpu") -> dict:
-    """Scores of ``model_dir`` on a fresh mosaic of ``grid`` tiles (see the module docstring)."""
+                    pixel_size: float = 0.6, device: str = "cpu", grammar: str = "evidence") -> dict:
+    """Scores of ``model_dir`` on a fresh mosaic of ``grid`` tiles (see the module docstring);
+    ``grammar`` as in :func:`engine.lab.evaluate.evaluate`."""
     from shapely import wkt as shapely_wkt
     from shapely.geometry import box
 
@@ -33,6 +34,7 @@ def evaluate_mosaic(model_dir: Path, seed: int = 2027, grid: tuple[int, int] = (
     from engine.service import EngineService, SilentContext
 
     service, ctx = EngineService(model_dir, device), SilentContext()
+    service.pipeline(str(model_dir), device).grammar = grammar
     with tempfile.TemporaryDirectory() as tmp:
         raster = Path(tmp) / "mosaic.tif"
         truth = write_sample_geotiff(raster, seed=seed, grid=grid, crs=crs, origin=(420000.0, 5100000.0),
@@ -54,7 +56,7 @@ def evaluate_mosaic(model_dir: Path, seed: int = 2027, grid: tuple[int, int] = (
                 true = [box(*o["bbox_map"]) for o in tile["objects"] if o["cls"] == cls]
                 tp += match_geometries(pred, true)
                 n_pred, n_true = n_pred + len(pred), n_true + len(true)
-    return {"mosaic": {"seed": seed, "grid": list(grid), "crs": crs, "pixel_size": pixel_size,
+    return {"mosaic": {"seed": seed, "grid": list(grid), "crs": crs, "pixel_size": pixel_size, "grammar": grammar,
                        "tiles": len(truth["tiles"])},
             "scene_accuracy": round(scene_hits / len(truth["tiles"]), 4),
             "count_accuracy": round(count_hits / max(count_n, 1), 4), "count_questions": count_n,

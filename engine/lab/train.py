@@ -174,6 +174,10 @@ def model_config_for(config: TrainConfig, tokenizer):
         from engine.data.scene_generator import OBJECT_CLASSES
 
         model_config.object_classes = tuple(OBJECT_CLASSES)
+    if model_config.vision_backbone == "centernet" and not model_config.colour_names:
+        from engine.data.scene_generator import COLOUR_NAMES, SIZE_NAMES
+
+        model_config.colour_names, model_config.size_names = tuple(COLOUR_NAMES), tuple(SIZE_NAMES)
     if model_config.training_gsd is None:    # the synthetic scenes: 256 px read as 0.5 m pixels
         from engine.data.sample_raster import DEFAULT_PIXEL_SIZE, SCENE_RENDER_SIZE
 

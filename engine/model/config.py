@@ -93,6 +93,10 @@ class RsLvlmConfig:
     object_classes: tuple[str, ...] = ()   # names of the detector's classes (set at training)
     num_colours: int = 6
     num_size_words: int = 3
+    # names of the colour and size-word heads' outputs (set at training): what a question's
+    # description is matched against (engine.model.referring)
+    colour_names: tuple[str, ...] = ()
+    size_names: tuple[str, ...] = ()
     num_land_cover: int = 6
     region_grid: int = 4          # centernet: region tokens = pyramid pooled to g x g
     detection_loss_weight: float = 1.0
@@ -184,6 +188,8 @@ class RsLvlmConfig:
         self.image_std = tuple(float(v) for v in self.image_std)
         self.detector_channels = tuple(int(v) for v in self.detector_channels)
         self.object_classes = tuple(str(v) for v in self.object_classes)
+        self.colour_names = tuple(str(v) for v in self.colour_names)
+        self.size_names = tuple(str(v) for v in self.size_names)
         if self.vision_backbone not in ("vit", "centernet"):
             raise ValueError(f"vision_backbone must be 'vit' or 'centernet', got {self.vision_backbone!r}")
         if self.vision_backbone == "centernet" and self.image_size % 16:
@@ -238,6 +244,8 @@ class RsLvlmConfig:
         d["image_std"] = list(self.image_std)
         d["detector_channels"] = list(self.detector_channels)
         d["object_classes"] = list(self.object_classes)
+        d["colour_names"] = list(self.colour_names)
+        d["size_names"] = list(self.size_names)
         return d
 
     @classmethod

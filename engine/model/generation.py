@@ -10,13 +10,13 @@ module-by-module reference path.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .fast_decode import FusedDecoder
 from .modeling_rs_lvlm import RsLvlmForConditionalGeneration
+from .object_vision import class_counts
 from .references import constrain_references, reference_offsets
+from .referring import AnswerGrammar
 from .semantic_augmentation import Retriever
 
 __all__ = ["RsLvlmDecodeSteps"]
@@ -42,9 +42,9 @@ class RsLvlmDecodeSteps:
         self.retrieved: dict = {}
         # (B, K, 4) boxes, (B, K) scores, (B, K) classes of the object tokens' detections
         self.detections: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # (row, tokens generated so far of it) -> the class its next reference must have (the
-        # pipeline sets it from its tokenizer, the question and the detector's class names)
-        self.reference_class: Callable[[int, list[int]], int | None] | None = None
+        # which detections a reference should prefer, when a listing must go on, which answer
+        # words the evidence rules out (the pipeline sets it from the question; see referring.py)
+        self.grammar: AnswerGrammar | None = None
         self._cache = None
         self._decoder: FusedDecoder | None = None
         self._spliced_mask: torch.Tensor | None = None
@@ -80,6 +80,12 @@ class RsLvlmDecodeSteps:
         self._object_embeds = out.object_embeds          # reference feedback in the steps
         self._object_boxes = out.object_boxes            # and the pointed boxes' geometry
         self._referable = None if self.detections is None else self._referable_targets(*self.detections[1:])
+        if self.grammar is not None and out.detections is not None:
+            d, config = out.detections, self.model.config
+            counts = (class_counts(d, int(config.num_object_classes), float(config.count_min_score))
+                      if config.class_count_tokens else None)
+            self.grammar.bind(d.boxes, d.scores, d.classes, d.colour_probs.argmax(-1), d.size_probs.argmax(-1),
+                              counts)
         if self.use_cache and self.fast and not self.model.training and self.max_new_tokens > 1:
             self._decoder = FusedDecoder(self.model, self.input_ids.shape[0],
                                          capacity=self._spliced_mask.shape[1] + self.max_new_tokens, int8=self.int8)
@@ -95,15 +101,23 @@ class RsLvlmDecodeSteps:
 
     def _constrain(self, logits: torch.Tensor) -> torch.Tensor:
         """References in the next token's logits follow the grammar of
-        :func:`constrain_references` (also for the first token: an answer may open with one)."""
+        :func:`constrain_references` (also for the first token: an answer may open with one),
+        refined by the question's :class:`AnswerGrammar` when the pipeline gave one."""
         start = self.model.config.object_token_start
         if self._referable is None or start is None:
             return logits
         scores, classes = self._referable
-        phrase = None
-        if self.reference_class is not None:
-            phrase = [self.reference_class(i, row.tolist()) for i, row in enumerate(self._generated)]
-        return constrain_references(logits, self._generated, scores, classes, int(start), phrase)
+        if self.grammar is None:
+            return constrain_references(logits, self._generated, scores, classes, int(start))
+        rows = [row.tolist() for row in self._generated]
+        preferred = [self.grammar.preferred(i, r, scores.shape[1]) for i, r in enumerate(rows)]
+        must_list = [self.grammar.must_list_more(i, r) for i, r in enumerate(rows)]
+        logits = constrain_references(logits, self._generated, scores, classes, int(start), preferred, must_list)
+        for i, r in enumerate(rows):
+            banned = self.grammar.banned_words(i, r)
+            if banned:
+                logits[i, banned] = float("-inf")
+        return logits
 
     def _referable_targets(self, scores: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Computed once per prefill, not per step."""

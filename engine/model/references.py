@@ -28,7 +28,7 @@ from .detector import Detections, box_iou_matrix
 __all__ = ["REFERENCE_RE", "reference_token", "reference_offsets", "assign_references", "resolve_references",
            "ResolvedBox",
            "MIN_MATCH_IOU", "constrain_references", "MIN_REFERENCE_SCORE", "phrase_class",
-           "sole_named_class", "count_slot_box", "object_class_names"]
+           "count_slot_box", "object_class_names"]
 
 REFERENCE_RE = re.compile(r"<obj(\d+)>")
 _JOINED_REFERENCE_RE = re.compile(r"(\s+and\s+)?<obj(\d+)>")
@@ -138,28 +138,25 @@ def phrase_class(text: str, class_names: tuple[str, ...]) -> int | None:
     return best
 
 
-def sole_named_class(text: str, class_names: tuple[str, ...]) -> int | None:
-    """The class ``text`` names when it names exactly one ("What colour is the largest ship?" ->
-    ship), else None: the class a VQA answer's evidence reference must have."""
-    low = text.lower() if text else ""
-    named = [i for i, name in enumerate(class_names) if re.search(rf"\b{re.escape(name)}s?\b", low)]
-    return named[0] if len(named) == 1 else None
-
-
 def constrain_references(logits: torch.Tensor, generated: torch.Tensor, scores: torch.Tensor,
                          classes: torch.Tensor, object_token_start: int,
-                         phrase_classes: list[int | None] | None = None) -> torch.Tensor:
+                         preferred: list[list[torch.Tensor]] | None = None,
+                         must_list: list[bool] | None = None) -> torch.Tensor:
     """Constrained decoding of references: logits (B, V) for the next token, given the tokens
-    generated so far (B, t) and the detections' scores and classes (B, K).
+    generated so far (B, t) and the referable items' scores and classes (B, R).
 
     A reference may not point at a filler detection (score below :data:`MIN_REFERENCE_SCORE`)
-    nor at a detection the answer already referred to (one box per object), and a reference that
-    follows another one stays in its class (``airplane <obj2><obj5>`` lists airplanes); the first
-    reference after a phrase has the class the phrase names (``phrase_classes[row]``), when
-    a detection of it is left.  The model's own preference decides everything else."""
+    nor at one the answer already referred to (one box per object), and a reference that
+    follows another one stays in its class (``airplane <obj2><obj5>`` lists airplanes).  A
+    reference that opens a group takes the first of ``preferred[row]`` (masks (R,), best first:
+    the detections fitting the phrase's description, then its class; see
+    engine.model.referring) that still leaves one to point at.  A row with ``must_list[row]``
+    may write nothing but a further reference while one is allowed (a plural request listing
+    the rest of its class).  The model's own preference decides everything else."""
     k = scores.shape[1]
     ref = logits[:, object_token_start:object_token_start + k]
     banned = scores.to(logits.device) < MIN_REFERENCE_SCORE                      # (B, K)
+    follows = torch.zeros_like(banned[:, 0])
     if generated.shape[1]:
         rel, is_ref = reference_offsets(generated.to(logits.device), object_token_start, k)  # (B, t)
         used = torch.zeros_like(banned)
@@ -169,14 +166,18 @@ def constrain_references(logits: torch.Tensor, generated: torch.Tensor, scores: 
         follows = is_ref[:, -1]
         last_class = classes.to(logits.device).gather(1, last.clamp(0, k - 1)[:, None])      # (B, 1)
         banned = banned | (follows[:, None] & (classes.to(logits.device) != last_class))
-    if phrase_classes is not None:
-        follows_ref = (is_ref[:, -1] if generated.shape[1] else torch.zeros_like(banned[:, 0]))
-        for row, cls in enumerate(phrase_classes):
-            if cls is None or bool(follows_ref[row]):
-                continue
-            other = classes[row].to(logits.device) != cls
-            if bool((~(banned[row] | other)).any()):
-                banned[row] = banned[row] | other
+    for row, masks in enumerate(preferred or ()):
+        if bool(follows[row]):
+            continue
+        for mask in masks:
+            mask = mask.to(logits.device)
+            if bool((mask & ~banned[row]).any()):
+                banned[row] = banned[row] | ~mask
+                break
     logits = logits.clone()
     logits[:, object_token_start:object_token_start + k] = ref.masked_fill(banned, float("-inf"))
+    for row, go_on in enumerate(must_list or ()):
+        if go_on and bool((~banned[row]).any()):
+            logits[row, :object_token_start] = float("-inf")
+            logits[row, object_token_start + k:] = float("-inf")
     return logits

@@ -145,6 +145,7 @@ def test_position_words():
     assert position_word(128, 128, 256) == "centre"
     assert position_word(20, 128, 256) == "left" and position_word(128, 240, 256) == "bottom"
     assert position_word(20, 20, 256) is None  # a corner is ambiguous
+    assert position_word(22, 20, 256, decided=True) == "top"  # an answer must still say something
 
 
 def test_detailed_captions_name_the_scene_and_count_every_class():

@@ -62,18 +62,29 @@ def test_the_first_reference_after_a_phrase_has_the_class_the_phrase_names():
     assert phrase_class("ship <obj0>, airplanes ", names) == 0
     logits = torch.zeros(1, START + 3)
     scores, classes = torch.tensor([[0.9, 0.8, 0.7]]), torch.tensor([[1, 0, 1]])
-    out = constrain_references(logits, torch.tensor([[7]]), scores, classes, START, phrase_classes=[0])
+    out = constrain_references(logits, torch.tensor([[7]]), scores, classes, START,
+                               preferred=[[classes[0] == 0]])
     assert torch.isfinite(out[0, START:]).tolist() == [False, True, False]
 
 
-def test_a_vqa_question_naming_one_class_fixes_the_class_of_its_evidence_reference():
-    from engine.model.references import sole_named_class
+def test_an_opening_reference_falls_back_to_the_next_preference_when_none_fits_the_first():
+    from engine.model.references import constrain_references
 
-    names = ("airplane", "ship", "storage tank")
-    assert sole_named_class("What colour is the largest ship?", names) == 1
-    assert sole_named_class("What colour are the storage tanks?", names) == 2
-    assert sole_named_class("Is the ship left or right of the airplane?", names) is None
-    assert sole_named_class("What type of scene is this?", names) is None
+    logits = torch.zeros(1, START + 3)
+    scores, classes = torch.tensor([[0.9, 0.8, 0.1]]), torch.tensor([[1, 0, 0]])
+    only_filler = torch.tensor([False, False, True])       # detection 2 scores below the filler line
+    out = constrain_references(logits, torch.tensor([[7]]), scores, classes, START,
+                               preferred=[[only_filler, classes[0] == 0]])
+    assert torch.isfinite(out[0, START:]).tolist() == [False, True, False]
+
+
+def test_a_listing_that_must_go_on_can_write_nothing_but_a_reference():
+    from engine.model.references import constrain_references
+
+    logits = torch.zeros(1, START + 3)
+    scores, classes = torch.tensor([[0.9, 0.8, 0.7]]), torch.tensor([[0, 0, 1]])
+    out = constrain_references(logits, torch.tensor([[7, START + 0]]), scores, classes, START, must_list=[True])
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [START + 1]
 
 
 def test_a_resolved_reference_keeps_its_detections_class():
