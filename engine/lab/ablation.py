@@ -3,7 +3,9 @@
 Four variants — baseline (no SAM, no experts), +SAM, +experts, full — are trained from the same
 config, data and time budget, each with several seeds, and evaluated on the same fresh split.
 The same wall-clock budget for all four is the fair comparison on a CPU: a component that costs
-time must pay for itself within it.
+time must pay for itself within it.  Each run is scored with the product's answer grammar
+(``evidence``) and with ``classes`` only (``model_only`` in the results), so that what the grammar
+adds on top of every variant does not hide the differences between them.
 """
 from __future__ import annotations
 
@@ -57,22 +59,27 @@ def run(config_path: Path, budget_min: float, seeds: list[int], n_eval: int, eva
             t0 = time.perf_counter()
             summary = train(config, runs_dir / name / "model", state_dir, resume=True)
             scores = evaluate(runs_dir / name / "model", seed=eval_seed, n=n_eval, progress=False)
+            own = evaluate(runs_dir / name / "model", seed=eval_seed, n=n_eval, progress=False, grammar="classes")
             results["runs"].append({"variant": variant, "seed": seed, "steps": summary["steps"],
                                     "minutes": round((time.perf_counter() - t0) / 60, 1),
                                     **{m: scores.get(m) for m in METRICS},
                                     "retrieval_hit_rate": scores.get("retrieval_hit_rate"),
                                     "retrieval_asked": scores.get("retrieval_asked"),
-                                    "vqa_per_type": scores.get("vqa_per_type")})
+                                    "vqa_per_type": scores.get("vqa_per_type"),
+                                    "model_only": {m: own.get(m) for m in METRICS},
+                                    "model_only_vqa_per_type": own.get("vqa_per_type")})
             log.info("%s seed %d: %s", variant, seed, {m: scores.get(m) for m in METRICS})
     results["summary"] = summarise(results["runs"])
+    results["summary_model_only"] = summarise(results["runs"], "model_only")
     return results
 
 
-def summarise(runs: list[dict]) -> dict:
-    """Mean and standard deviation over seeds, per variant and metric."""
+def summarise(runs: list[dict], key: str | None = None) -> dict:
+    """Mean and standard deviation over seeds, per variant and metric (of ``run[key]`` when
+    given, e.g. ``model_only``)."""
     out: dict = {}
     for variant in dict.fromkeys(r["variant"] for r in runs):
-        rows = [r for r in runs if r["variant"] == variant]
+        rows = [(r.get(key) or {}) if key else r for r in runs if r["variant"] == variant]
         out[variant] = {}
         for m in METRICS:
             values = [r[m] for r in rows if r.get(m) is not None]
@@ -86,13 +93,14 @@ def merge(paths: list[Path]) -> dict:
     parts = [json.loads(Path(p).read_text()) for p in paths]
     runs = [r for p in parts for r in p["runs"]]
     return {**parts[0], "seeds": sorted({s for p in parts for s in p["seeds"]}), "runs": runs,
-            "merged_from": [str(p) for p in paths], "summary": summarise(runs)}
+            "merged_from": [str(p) for p in paths], "summary": summarise(runs),
+            "summary_model_only": summarise(runs, "model_only")}
 
 
-def markdown_table(results: dict) -> str:
+def markdown_table(results: dict, key: str = "summary") -> str:
     header = "| variant | " + " | ".join(METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
     lines = []
-    for variant, metrics in results["summary"].items():
+    for variant, metrics in results.get(key, {}).items():
         cells = [f"{metrics[m]['mean']:.3f} ± {metrics[m]['std']:.3f}" if m in metrics else "–" for m in METRICS]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return header + "\n".join(lines) + "\n"
@@ -122,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(markdown_table(results))
+    print(markdown_table(results, "summary_model_only"))
     return 0
 
 

@@ -195,9 +195,7 @@ class AnswerGrammar:
             if nxt is not None and nxt.cls == cls:
                 return nxt
             return next((d for d in self.descriptions if d.cls == cls), Description(cls))
-        if self.first_class_from_question and (refs == 0 or nxt is not None):
-            return nxt
-        return None
+        return nxt if self.first_class_from_question else None
 
     def _fitting(self, row: int, desc: Description, referable: int) -> torch.Tensor:
         """(R,) detections (then count tokens, always of their class) that fit ``desc``."""
