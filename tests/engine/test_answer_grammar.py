@@ -114,3 +114,33 @@ def test_a_counting_answer_says_the_count_its_class_token_carries(tokenizer, sta
     count_token_of_building = start + 4 + 4          # after the 4 detections, class 4
     assert g.evidence_word(0, [count_token_of_building])[1] == "2"
     assert g.evidence_word(0, []) is None
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from engine.backends.rs_lvlm import RsLvlmPipeline
+
+    return RsLvlmPipeline.load(DEFAULT_MODEL_DIR, device="cpu")
+
+
+def sure_detections(pipeline, image, cls: str) -> int:
+    from engine.model.image_processing import preprocess_images
+
+    with torch.inference_mode():
+        det = pipeline.model.detect(preprocess_images([image], pipeline.image_size))
+    index = pipeline.config.object_classes.index(cls)
+    return int(((det.classes[0] == index) & (det.scores[0] >= pipeline.config.count_min_score)).sum())
+
+
+def test_the_shipped_model_lists_every_sure_detection_when_asked_for_all_of_a_class(shipped):
+    import numpy as np
+
+    from engine.data.scene_generator import generate_scene
+
+    scene = generate_scene(np.random.default_rng(3), "parking lot", render_size=128)
+    sure = sure_detections(shipped, scene.image, "vehicle")
+    assert sure >= 2                                             # a scene where listing matters
+    shipped.grammar = "evidence"
+    answer = shipped.answer([scene.image], "ground", "vehicles", max_new_tokens=48)[0]
+    # it may not stop before the last sure one; it may go on to less sure ones of the class
+    assert len(answer.boxes) >= sure and {b.label for b in answer.boxes} == {"vehicle"}
