@@ -101,7 +101,7 @@ class RsLvlmPipeline:
                 "knowledge_entries": int(len(self.knowledge.level_ids)),
                 "knowledge_index": str(self.knowledge.index_dir),
                 "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
-                "int8_decode": self.int8_decode}
+                "int8_decode": self.int8_decode, "answer_grammar": self.grammar}
 
     # -- helpers ----------------------------------------------------------------------------
     def question_embeds(self, questions: list[str]) -> torch.Tensor:
