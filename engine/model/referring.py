@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -118,6 +119,21 @@ def asked_attribute(question: str) -> str | None:
     return None
 
 
+@lru_cache(maxsize=8)
+def _answer_word_ids(tokenizer, colours: tuple[str, ...]) -> dict[str, list[int]]:
+    """The token ids of every answer word the evidence can rule out, spelt alone and after a
+    space (one tokenizer per loaded model: worked out once, not per ask)."""
+    out: dict[str, list[int]] = {}
+    for w in set(colours) | set(PLACE_WORDS) | set(SIDE_WORDS) | set(HEIGHT_WORDS) | set(COUNT_WORDS):
+        ids = set()
+        for spelling in (w, " " + w):
+            got = tokenizer(spelling, add_special_tokens=False)["input_ids"]
+            if len(got) == 1:
+                ids.add(int(got[0]))
+        out[w] = sorted(ids)
+    return out
+
+
 @dataclass
 class _Bound:
     """One batch's detections: (B, K) each, boxes (B, K, 4) normalised."""
@@ -149,7 +165,7 @@ class AnswerGrammar:
     min_listed_score: float = 0.3       # a plural listing goes on while detections this sure are left
     descriptions: list[Description] = field(init=False)
     _bound: _Bound | None = field(init=False, default=None)
-    _word_ids: dict[str, list[int]] = field(init=False, default_factory=dict)
+    _word_ids: dict[str, list[int]] = field(init=False, default_factory=dict)   # word -> its token ids
 
     def __post_init__(self) -> None:
         if self.level not in GRAMMARS:
@@ -157,14 +173,7 @@ class AnswerGrammar:
         self.descriptions = describe(self.question, self.vocab)
         if self.level == "classes":
             self.descriptions = [Description(d.cls) for d in self.descriptions]
-        words = set(self.vocab.colours) | set(PLACE_WORDS) | set(SIDE_WORDS) | set(HEIGHT_WORDS) | set(COUNT_WORDS)
-        for w in words:
-            ids = set()
-            for spelling in (w, " " + w):
-                got = self.tokenizer(spelling, add_special_tokens=False)["input_ids"]
-                if len(got) == 1:
-                    ids.add(int(got[0]))
-            self._word_ids[w] = sorted(ids)
+        self._word_ids = _answer_word_ids(self.tokenizer, self.vocab.colours)
 
     def bind(self, boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor,
              colours: torch.Tensor | None = None, sizes: torch.Tensor | None = None,
