@@ -45,7 +45,7 @@ evaluate: setup
 # Four variants x two seeds, ABLATION_MIN minutes of training each (the detector warm-up scaled
 # to the same share as in the shipped run); the two seeds run side by side, one thread each, so
 # both seeds of a variant train under the same load (4 x ABLATION_MIN minutes in all, plus
-# evaluation, about 90 minutes at 20). Each run is scored with the answer grammar and without it
+# evaluation: 85 minutes at 20). Each run is scored with the answer grammar and without it
 # (model_only). docs/results.md reports the 20-minute run (docs/ablation.json) and the earlier
 # 6-minute one (docs/ablation_6min.json).
 ABLATION_MIN ?= 20
