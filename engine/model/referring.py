@@ -26,7 +26,7 @@ from functools import lru_cache
 import torch
 
 from engine.grounding import PLACE_WORDS, position_word
-from .references import REFERENCE_RE, phrase_class
+from .references import REFERENCE_RE, phrase_class, reference_offsets
 
 __all__ = ["Vocabulary", "Description", "describe", "asked_attribute", "AnswerGrammar", "SIDE_WORDS",
            "HEIGHT_WORDS", "COUNT_WORDS", "GRAMMARS"]
@@ -188,10 +188,14 @@ class AnswerGrammar:
                              cpu(counts))
 
     # -- references ---------------------------------------------------------------------------
-    def _references(self, tokens: list[int]) -> list[int]:
+    def _references(self, tokens: list[int], offset: int = 0, count: int | None = None) -> list[int]:
+        """The items ``tokens`` point at, in order: detections by default, or the ``count`` items
+        from ``offset`` on (the count tokens after the K detections), read as every caller reads
+        a reference range (:func:`reference_offsets`)."""
         k = self._bound.scores.shape[1]
-        return [t - self.object_token_start for t in tokens
-                if self.object_token_start <= t < self.object_token_start + k]
+        rel, ok = reference_offsets(torch.tensor(tokens, dtype=torch.long), self.object_token_start + offset,
+                                    k if count is None else count)
+        return rel[ok].tolist()
 
     def _current(self, tokens: list[int]) -> Description | None:
         """The description the next reference answers to, when it opens a group (the class of
@@ -247,17 +251,16 @@ class AnswerGrammar:
         then agrees with the count the model gives for the class (its count token counts those)."""
         if self._bound is None or not tokens:
             return False
-        k = self._bound.scores.shape[1]
-        last = tokens[-1] - self.object_token_start
-        if not 0 <= last < k:
+        last = self._references(tokens[-1:])
+        if not last:
             return False
-        cls = int(self._bound.classes[row, last])
+        b = self._bound
+        cls = int(b.classes[row, last[0]])
         if not any(d.plural and d.cls == cls for d in self.descriptions):
             return False
-        used = set(self._references(tokens))
-        left = [(i not in used) and int(self._bound.classes[row, i]) == cls
-                and float(self._bound.scores[row, i]) >= self.min_listed_score for i in range(k)]
-        return any(left)
+        left = (b.classes[row] == cls) & (b.scores[row] >= self.min_listed_score)
+        left[self._references(tokens)] = False
+        return bool(left.any())
 
     # -- answer words ---------------------------------------------------------------------------
     def evidence_word(self, row: int, tokens: list[int]) -> tuple[tuple[str, ...], str] | None:
@@ -295,8 +298,7 @@ class AnswerGrammar:
         b = self._bound
         if b.counts is None:
             return None
-        first = self.object_token_start + b.scores.shape[1]
-        counted = [t - first for t in tokens if first <= t < first + b.counts.shape[1]]
+        counted = self._references(tokens, offset=b.scores.shape[1], count=b.counts.shape[1])
         if not counted:
             return None
         return COUNT_WORDS, COUNT_WORDS[min(int(b.counts[row, counted[0]]), len(COUNT_WORDS) - 1)]
