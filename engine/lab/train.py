@@ -281,7 +281,7 @@ def train(config: TrainConfig, out_dir: Path, run_dir: Path, resume: bool = True
             bar.update(1)
             if step % config.log_every == 0:
                 record = {"step": step, "phase": phase, "loss": float(np.mean(window)),
-                          **{name: float(getattr(out, name)) for name in ("lm_loss", "retrieval_loss", "detection_loss")
+                          **{name: float(getattr(out, name).detach()) for name in ("lm_loss", "retrieval_loss", "detection_loss")
                              if getattr(out, name, None) is not None},
                           "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.perf_counter() - started, 1)}
                 with log_path.open("a") as f:

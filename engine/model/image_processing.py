@@ -63,7 +63,8 @@ def preprocess_images(
         arr = to_rgb_uint8(image)
         if arr.shape[0] == 0 or arr.shape[1] == 0:
             raise ValueError(f"empty image of shape {arr.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()[None] * rescale  # (1,3,H,W)
+        # a copy: rendered scenes arrive read-only from shared memory, which torch warns about
+        x = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float()[None] * rescale  # (1,3,H,W)
         if x.shape[-2:] != (image_size, image_size):
             x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False)
         batch.append(((x[0].clamp(0.0, 255.0 * rescale) - mean_t) / std_t))

@@ -8,7 +8,8 @@ request listed fewer boxes than the detector holds of the class in 9 of 63 answe
 decoder already constrains references by class; this module extends the same grammar to every
 word of the description the detector has a head for -- colour, size word, largest / smallest --
 and, where the question asks for an attribute of the object pointed at (its colour, its place,
-its side of another object), to the answer word that evidence gives.  The model still decides
+its side of another object, how many there are, whether there are more of one class than of
+another), to the answer word that evidence gives.  The model still decides
 everything the grammar leaves open: which of several fitting detections, whether to point at
 all, when a listing of a singular request stops, every word of every other answer.
 
@@ -29,14 +30,15 @@ from engine.grounding import PLACE_WORDS, position_word
 from .references import REFERENCE_RE, phrase_class, reference_offsets
 
 __all__ = ["Vocabulary", "Description", "describe", "asked_attribute", "AnswerGrammar", "SIDE_WORDS",
-           "HEIGHT_WORDS", "COUNT_WORDS", "GRAMMARS"]
+           "HEIGHT_WORDS", "COUNT_WORDS", "YES_NO_WORDS", "GRAMMARS"]
 
 GRAMMARS: tuple[str, ...] = ("classes", "descriptions", "evidence")
 """How much of the question the decoder holds answers to, each level adding to the one before:
 ``classes`` a reference has the class its phrase (or the question) names, one box per object, a
 listing keeps its class; ``descriptions`` it also fits the colour / size / largest-smallest words
 and a plural request lists every sure detection of its class; ``evidence`` (the default) a
-colour / place / side answer also says what the detection pointed at shows."""
+colour / place / side answer also says what the detection pointed at shows, a counting or
+comparison answer what the count tokens pointed at carry."""
 
 SIDE_WORDS: tuple[str, ...] = ("left", "right")
 """Answers to "Is the X left or right of the Y?"."""
@@ -44,6 +46,8 @@ HEIGHT_WORDS: tuple[str, ...] = ("above", "below")
 """Answers to "Is the X above or below the Y?"."""
 COUNT_WORDS: tuple[str, ...] = tuple(str(n) for n in range(10))
 """Answers to "How many X are there?" (counts are capped at 9, as the count tokens are)."""
+YES_NO_WORDS: tuple[str, ...] = ("yes", "no")
+"""Answers to "Are there more X than Y?" / "Are there fewer X than Y?"."""
 _EXTREMES = ("largest", "smallest")
 
 
@@ -104,10 +108,14 @@ def describe(text: str, vocab: Vocabulary) -> list[Description]:
 
 def asked_attribute(question: str) -> str | None:
     """What a VQA question asks of the objects it describes: "colour", "side" (left or right of
-    another), "height" (above or below another), "place" (where in the image), "count", or None."""
+    another), "height" (above or below another), "place" (where in the image), "count", "more" /
+    "fewer" (whether the first class outnumbers / is outnumbered by the second), or None."""
     low = (question or "").lower()
     if re.match(r"\s*(how many|count the|what is the number of)\b", low):
         return "count"
+    compared = re.match(r"\s*are there (more|fewer)\b", low)
+    if compared:
+        return compared.group(1)
     if re.search(r"\bcolou?r\b", low):
         return "colour"
     if "left or right of" in low:
@@ -124,7 +132,7 @@ def _answer_word_ids(tokenizer, colours: tuple[str, ...]) -> dict[str, list[int]
     """The token ids of every answer word the evidence can rule out, spelt alone and after a
     space (one tokenizer per loaded model: worked out once, not per ask)."""
     out: dict[str, list[int]] = {}
-    for w in set(colours) | set(PLACE_WORDS) | set(SIDE_WORDS) | set(HEIGHT_WORDS) | set(COUNT_WORDS):
+    for w in set(colours) | set(PLACE_WORDS) | set(SIDE_WORDS) | set(HEIGHT_WORDS) | set(COUNT_WORDS) | set(YES_NO_WORDS):
         ids = set()
         for spelling in (w, " " + w):
             got = tokenizer(spelling, add_special_tokens=False)["input_ids"]
@@ -269,7 +277,7 @@ class AnswerGrammar:
         if self.level != "evidence" or self.attribute is None or self._bound is None:
             return None
         b = self._bound
-        if self.attribute == "count":
+        if self.attribute in ("count", "more", "fewer"):
             return self._count_word(row, tokens)
         refs = self._references(tokens)
         if not refs:
@@ -294,14 +302,21 @@ class AnswerGrammar:
 
     def _count_word(self, row: int, tokens: list[int]) -> tuple[tuple[str, ...], str] | None:
         """A counting answer points at the count token of its class first (``<obj K+c> 3``):
-        the number is the count that token carries."""
+        the number is the count that token carries; a comparison points at the count tokens of
+        both classes (``<obj K+a> and <obj K+b> yes``): the answer is what their counts say."""
         b = self._bound
         if b.counts is None:
             return None
         counted = self._references(tokens, offset=b.scores.shape[1], count=b.counts.shape[1])
-        if not counted:
+        if self.attribute == "count":
+            if not counted:
+                return None
+            return COUNT_WORDS, COUNT_WORDS[min(int(b.counts[row, counted[0]]), len(COUNT_WORDS) - 1)]
+        if len(counted) < 2:
             return None
-        return COUNT_WORDS, COUNT_WORDS[min(int(b.counts[row, counted[0]]), len(COUNT_WORDS) - 1)]
+        first, second = int(b.counts[row, counted[0]]), int(b.counts[row, counted[1]])
+        holds = first > second if self.attribute == "more" else first < second
+        return YES_NO_WORDS, "yes" if holds else "no"
 
     def banned_words(self, row: int, tokens: list[int]) -> list[int]:
         """Token ids of the answer words the evidence rules out."""

@@ -56,7 +56,9 @@ def test_the_question_says_which_attribute_it_asks_for():
     assert asked_attribute("Is the ship above or below the airplane?") == "height"
     assert asked_attribute("In which part of the image is the red building?") == "place"
     assert asked_attribute("How many ships are there?") == "count"
-    assert asked_attribute("Are there more ships than airplanes?") is None
+    assert asked_attribute("Are there more ships than airplanes?") == "more"
+    assert asked_attribute("Are there fewer ships than airplanes?") == "fewer"
+    assert asked_attribute("Is there a ship?") is None
 
 
 def test_an_opening_reference_prefers_the_detection_fitting_the_whole_description(tokenizer, start):
@@ -114,6 +116,20 @@ def test_a_counting_answer_says_the_count_its_class_token_carries(tokenizer, sta
     count_token_of_building = start + 4 + 4          # after the 4 detections, class 4
     assert g.evidence_word(0, [count_token_of_building])[1] == "2"
     assert g.evidence_word(0, []) is None
+
+
+def test_a_comparison_answer_says_what_the_two_count_tokens_carry(tokenizer, start):
+    counts = torch.tensor([[0, 1, 0, 0, 2]])                 # one ship, two buildings
+    ship_token, building_token = start + 4 + 1, start + 4 + 4
+    for question, expected in (("Are there more buildings than ships?", "yes"),
+                               ("Are there fewer buildings than ships?", "no"),
+                               ("Are there more ships than buildings?", "no")):
+        g = grammar(tokenizer, start, question, vqa=True)
+        g.bind(g._bound.boxes, g._bound.scores, g._bound.classes, counts=counts)
+        first, second = (building_token, ship_token) if question.index("building") < question.index("ship") \
+            else (ship_token, building_token)
+        assert g.evidence_word(0, [first]) is None           # one count is no comparison yet
+        assert g.evidence_word(0, [first, second]) == (("yes", "no"), expected)
 
 
 @pytest.fixture(scope="module")
